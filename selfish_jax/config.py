@@ -1,0 +1,96 @@
+"""The training configuration: every key, its default, and its validation.
+
+Experiment configs (``experiments/configs/*.py``) start from
+:func:`default_config` and override values; the config is locked, so a key
+that does not exist is an error instead of a silent no-op.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from selfish_jax.errors import ConfigError
+
+METHODS = ('selfish', 'dense')
+DATASETS = ('ptb', 'wikitext2')
+SPARSE_INITS = ('uniform', 'er')
+GROWTH_MODES = ('random', 'gradient')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All configuration keys with their defaults (a small PTB LSTM)."""
+  c = ml_collections.ConfigDict()
+  # Data.
+  c.dataset = 'ptb'
+  c.data_dir = '~/.cache/selfish_jax'  # holds ptb/ and wikitext-2/; also the download cache
+  c.download = True  # fetch missing splits (sha256-checked) from their public location
+  c.download_url = ''  # a mirror serving {split}.txt, instead of the standard location
+  # Model.
+  c.emsize = 200
+  c.nhid = 200
+  c.nlayers = 2
+  c.dropout = 0.3
+  c.tied = False
+  c.compute_dtype = 'float32'
+  # Optimisation (SNT-ASGD).
+  c.seed = 1111
+  c.batch_size = 20
+  c.eval_batch_size = 20
+  c.bptt = 35
+  c.lr = 20.0
+  c.clip = 0.25
+  c.weight_decay = 1.2e-6
+  c.nonmono = 5
+  c.num_epochs = 15
+  c.max_steps_per_epoch = 0  # 0 = the whole training split each epoch
+  # Sparsity (Selfish-RNN).
+  c.method = 'selfish'
+  c.density = 0.33
+  c.sparse_init = 'uniform'
+  c.death_rate = 0.8
+  c.death_rate_final = 0.005
+  c.growth = 'random'
+  # Logging and checkpoints.
+  c.log_every = 200
+  c.checkpoint_every_steps = 0  # 0 = at the end of each epoch only
+  return c
+
+
+def _check_choice(config, key, choices):
+  if config[key] not in choices:
+    raise ConfigError(f'unknown {key} {config[key]!r}; expected one of {choices}')
+
+
+def _check_positive_int(config, key, minimum=1):
+  value = config[key]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ConfigError(f'{key} must be an integer >= {minimum}, got {value!r}')
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises :class:`ConfigError` naming the first bad or unknown value."""
+  unknown = set(config.keys()) - set(default_config().keys())
+  if unknown:
+    raise ConfigError(f'unknown config key(s): {", ".join(sorted(unknown))}')
+  _check_choice(config, 'dataset', DATASETS)
+  _check_choice(config, 'method', METHODS)
+  _check_choice(config, 'sparse_init', SPARSE_INITS)
+  _check_choice(config, 'growth', GROWTH_MODES)
+  _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
+  if not (isinstance(config.density, (int, float)) and 0.0 < config.density <= 1.0):
+    raise ConfigError(f'density must be in (0, 1], got {config.density!r}')
+  if not 0.0 <= config.death_rate <= 1.0:
+    raise ConfigError(f'death_rate must be in [0, 1], got {config.death_rate!r}')
+  if not 0.0 <= config.dropout < 1.0:
+    raise ConfigError(f'dropout must be in [0, 1), got {config.dropout!r}')
+  for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
+              'num_epochs', 'log_every'):
+    _check_positive_int(config, key)
+  for key in ('nonmono', 'max_steps_per_epoch', 'checkpoint_every_steps'):
+    _check_positive_int(config, key, minimum=0)
+  if config.lr <= 0:
+    raise ConfigError(f'lr must be > 0, got {config.lr!r}')
+  if config.tied and config.emsize != config.nhid:
+    raise ConfigError(f'tied weights need emsize == nhid, got {config.emsize} and {config.nhid}')
+  return config

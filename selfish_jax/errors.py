@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Every problem a user can fix (bad config value, missing or corrupt data file)
+raises a subclass of :class:`UserError`; the command-line shell prints its
+message on one line and exits non-zero instead of showing a traceback.
+"""
+
+
+class UserError(Exception):
+  """A problem with the user's input, reported without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
+  """An invalid configuration value or an unknown configuration key."""
+
+
+class DataError(UserError, OSError):
+  """A missing, unreadable or corrupt data file, or a failed download."""

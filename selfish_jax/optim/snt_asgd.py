@@ -1,0 +1,140 @@
+"""SNT-ASGD: sparse non-monotonically triggered averaged SGD, as optax transforms.
+
+Training starts as SGD (global-norm clipping over all gradients, inactive
+positions included, then weight decay). When validation stops improving
+(:func:`nonmonotone_trigger`), :func:`start_averaging` switches the same
+optimizer to averaged SGD at the same learning rate: every weight keeps its own
+step counter ``k``, reset to 0 while the weight is inactive, and its average
+follows ``ax <- p`` if ``k <= 2`` else ``ax <- ax + (p - ax) / (k - 1)``;
+averages of inactive weights are zero. Dense leaves (no mask) are averaged the
+same way, which is torch's ASGD with ``t0=0, lambd=0``.
+
+The switch is a value in the state, not a new optimizer, so the jitted train
+step never recompiles; :func:`averaged_params` gives the weights to evaluate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from selfish_jax.sparsity.masks import Masks, map_with_masks
+
+PyTree = Any
+
+
+class SparseAveragingState(NamedTuple):
+  """State of :func:`sparse_averaging`.
+
+  Attributes:
+    averaging: scalar bool, whether averaging has been switched on.
+    weight_steps: per-weight step counters ``k`` (int32, like the params).
+    averages: per-weight averages ``ax`` (like the params).
+  """
+  averaging: jax.Array
+  weight_steps: PyTree
+  averages: PyTree
+
+
+def mask_updates(updates: PyTree, masks: Masks | None) -> PyTree:
+  """Zeroes updates at inactive positions, so masked params stay masked."""
+  return map_with_masks(
+      lambda u, m: u if m is None else jnp.where(m, u, jnp.zeros_like(u)), updates, masks)
+
+
+def sparse_averaging() -> optax.GradientTransformationExtraArgs:
+  """Masks the final updates and keeps the SNT-ASGD per-weight averages.
+
+  Must come last in a chain (after the learning-rate scaling): it averages
+  ``params + updates``. ``update`` takes ``params`` and the keyword ``masks``
+  (the same pytree as the params with ``None`` for dense leaves; omit it for a
+  dense model).
+  """
+
+  def init_fn(params):
+    return SparseAveragingState(
+        averaging=jnp.asarray(False),
+        weight_steps=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.int32), params),
+        averages=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None, *, masks: Masks | None = None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError('sparse_averaging needs params')
+    updates = mask_updates(updates, masks)
+
+    def average(state):
+      new_params = optax.apply_updates(params, updates)
+
+      steps = map_with_masks(
+          lambda k, m: k + 1 if m is None else jnp.where(m, k + 1, 0), state.weight_steps, masks)
+
+      def average_leaf(ax, m, k, p):
+        mu = 1.0 / jnp.maximum(k - 1, 1).astype(p.dtype)
+        ax = jnp.where(k <= 2, p, ax + (p - ax) * mu)
+        return ax if m is None else jnp.where(m, ax, jnp.zeros_like(ax))
+
+      averages = map_with_masks(average_leaf, state.averages, masks, steps, new_params)
+      return SparseAveragingState(state.averaging, steps, averages)
+
+    # Before the trigger the averages are not needed: skip their cost.
+    state = jax.lax.cond(state.averaging, average, lambda s: s, state)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def snt_asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
+             clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
+  """The Selfish-RNN optimizer: clip, weight decay, SGD step, mask, average.
+
+  Args:
+    learning_rate: step size (a scalar or an optax schedule).
+    weight_decay: L2 coefficient added to the (clipped) gradient, as torch's SGD.
+    clip_norm: global-norm clipping threshold over ALL gradients, inactive
+      positions included (as the reference computes it); ``None`` disables it.
+
+  Returns:
+    A transform whose ``update(grads, state, params, masks=masks)`` returns
+    masked updates. Wrap it in ``optax.inject_hyperparams`` to schedule its
+    hyperparameters, or chain it after other transforms.
+  """
+  parts = []
+  if clip_norm is not None:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts += [optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate),
+            sparse_averaging()]
+  return optax.chain(*parts)
+
+
+def _averaging_state(opt_state: optax.OptState) -> SparseAveragingState:
+  return optax.tree_utils.tree_get(opt_state, SparseAveragingState.__name__)
+
+
+def is_averaging(opt_state: optax.OptState) -> jax.Array:
+  """Whether averaging is on in an optimizer state containing :func:`sparse_averaging`."""
+  return _averaging_state(opt_state).averaging
+
+
+def start_averaging(opt_state: optax.OptState) -> optax.OptState:
+  """Switches averaging on (the NT-ASGD trigger fired); counters start at 0."""
+  return optax.tree_utils.tree_set(opt_state, averaging=jnp.asarray(True))
+
+
+def averaged_params(opt_state: optax.OptState, params: PyTree) -> PyTree:
+  """The averaged weights once averaging is on, else ``params`` themselves."""
+  state = _averaging_state(opt_state)
+  return jax.tree.map(lambda a, p: jnp.where(state.averaging, a, p), state.averages, params)
+
+
+def nonmonotone_trigger(previous_losses: Sequence[float], loss: float, nonmono: int) -> bool:
+  """NT-ASGD's switch: ``len(L) > nonmono and loss > min(L[:-nonmono])``.
+
+  ``previous_losses`` are the validation losses of the earlier epochs (SGD
+  phase), ``loss`` the current one.
+  """
+  losses = list(previous_losses)
+  return len(losses) > nonmono and loss > min(losses[:-nonmono])

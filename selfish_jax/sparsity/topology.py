@@ -1,0 +1,134 @@
+"""Topology updates: prune and regrow a fixed number of weights per matrix.
+
+Pure, jittable functions over ``(params, masks, scores, key, death_rate)``.
+Every masked leaf is updated as one matrix, so the four gates of a fused LSTM
+kernel compete for one budget. Counts are exact: each leaf loses
+``ceil(death_rate * active)`` weights and regains the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from selfish_jax.errors import ConfigError
+from selfish_jax.sparsity import select
+from selfish_jax.sparsity.masks import Masks, is_none
+
+PyTree = Any
+
+GROWTH_MODES = ('random', 'gradient', 'momentum')
+REMOVAL_MODES = ('magnitude', 'set')
+
+
+def death_rate_schedule(initial: float, decay_steps: int, final: float = 0.005
+                        ) -> Callable[[jax.Array], jax.Array]:
+  """Cosine decay of the removal fraction per step, clamped at ``final``.
+
+  ``final + (initial - final) * (1 + cos(pi * min(step, decay_steps) / decay_steps)) / 2``.
+  The reference steps a cosine-annealing schedule once per training step from
+  ``initial`` to 0.005 over the whole run.
+  """
+  if decay_steps < 1:
+    raise ConfigError(f'decay_steps must be >= 1, got {decay_steps}')
+
+  def schedule(step):
+    progress = jnp.minimum(jnp.asarray(step, jnp.float32), decay_steps) / decay_steps
+    return final + (initial - final) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+
+  return schedule
+
+
+def num_to_remove(active: jax.Array, death_rate: jax.Array) -> jax.Array:
+  """``ceil(death_rate * active)`` (float32), never more than ``active``."""
+  n = jnp.ceil(jnp.asarray(death_rate, jnp.float32) * active.astype(jnp.float32))
+  return jnp.minimum(n.astype(jnp.int32), active)
+
+
+def removal_mask(weights: jax.Array, mask: jax.Array, count: jax.Array,
+                 mode: str = 'magnitude') -> jax.Array:
+  """Positions to remove: ``count`` active weights chosen by ``mode``.
+
+  ``magnitude``: the smallest ``|w|``. ``set`` (SET): half (rounded up) among
+  the smallest positive weights, the rest among the negative weights closest
+  to zero (falling back to magnitude where one sign runs short).
+  """
+  if mode == 'magnitude':
+    return select.select_smallest(select.magnitude_keys(weights), mask, count)
+  if mode == 'set':
+    keys = select.magnitude_keys(weights)
+    positive = mask & (weights > 0)
+    half = (count + 1) // 2
+    from_positive = select.select_smallest(keys, positive, half)
+    negative = mask & (weights < 0)
+    rest = count - jnp.sum(from_positive, dtype=jnp.int32)
+    from_negative = select.select_smallest(keys, negative, rest)
+    chosen = from_positive | from_negative
+    shortfall = count - jnp.sum(chosen, dtype=jnp.int32)
+    return chosen | select.select_smallest(keys, mask & ~chosen, shortfall)
+  raise ConfigError(f'unknown removal mode {mode!r}; expected one of {REMOVAL_MODES}')
+
+
+def growth_mask(eligible: jax.Array, count: jax.Array, key: jax.Array,
+                scores: jax.Array | None = None) -> jax.Array:
+  """``count`` eligible positions: uniformly at random, or the largest ``|scores|``."""
+  if scores is None:
+    return select.select_largest(select.random_keys(key, eligible.shape), eligible, count)
+  return select.select_largest(select.magnitude_keys(scores), eligible, count)
+
+
+def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate: jax.Array,
+                scores: jax.Array | None = None, removal: str = 'magnitude'
+                ) -> tuple[jax.Array, jax.Array]:
+  """Prunes and regrows one matrix; returns ``(weights, mask)``.
+
+  Regrowth chooses among all positions inactive after removal (the just-removed
+  ones included, as in the reference and RigL); grown weights start at 0.
+  """
+  active = jnp.sum(mask, dtype=jnp.int32)
+  count = num_to_remove(active, death_rate)
+  survivors = mask & ~removal_mask(weights, mask, count, removal)
+  grown = growth_mask(~survivors, count, key, scores)
+  return jnp.where(survivors, weights, jnp.zeros_like(weights)), survivors | grown
+
+
+def update_topology(params: PyTree, masks: Masks, key: jax.Array, death_rate: jax.Array, *,
+                    growth: str = 'random', scores: PyTree | None = None,
+                    removal: str = 'magnitude') -> tuple[PyTree, Masks]:
+  """One topology update of every masked leaf.
+
+  Args:
+    params: the (masked) parameters.
+    masks: their masks (``None`` leaves are left alone).
+    key: PRNG key for random growth.
+    death_rate: fraction of each leaf's active weights to remove.
+    growth: ``'random'``, or ``'gradient'``/``'momentum'`` to regrow where
+      ``|scores|`` is largest (dense gradients for RigL, momentum for SNFS).
+    scores: pytree like ``params``; required unless ``growth == 'random'``.
+    removal: ``'magnitude'`` or ``'set'``.
+
+  Returns:
+    ``(params, masks)`` with every leaf's active count unchanged.
+  """
+  if growth not in GROWTH_MODES:
+    raise ConfigError(f'unknown growth mode {growth!r}; expected one of {GROWTH_MODES}')
+  if growth != 'random' and scores is None:
+    raise ValueError(f'growth={growth!r} needs scores (gradients or momentum)')
+  flat_masks, treedef = jax.tree_util.tree_flatten(masks, is_leaf=is_none)
+  flat_params = treedef.flatten_up_to(params)
+  flat_scores = treedef.flatten_up_to(scores) if growth != 'random' else [None] * len(flat_params)
+  keys = jax.random.split(key, len(flat_masks))
+  new_params, new_masks = [], []
+  for leaf_key, p, m, s in zip(keys, flat_params, flat_masks, flat_scores):
+    if m is None:
+      new_params.append(p)
+      new_masks.append(None)
+      continue
+    p, m = update_leaf(p, m, leaf_key, death_rate, s, removal)
+    new_params.append(p)
+    new_masks.append(m)
+  return (jax.tree_util.tree_unflatten(treedef, new_params),
+          jax.tree_util.tree_unflatten(treedef, new_masks))

@@ -1,0 +1,1 @@
+"""The training loop, its pure steps, checkpoints and metrics."""

@@ -1,0 +1,66 @@
+"""Atomic checkpoints with orbax: the latest train state, and the best weights.
+
+``WORKDIR/checkpoints/<step>`` holds the full :class:`TrainState` (params,
+masks, optimizer state with SNT-ASGD averages and counters, LSTM carry) and a
+JSON record of the loop's host state (epoch, position in the epoch, trigger
+history, best validation loss). ``WORKDIR/best/<epoch>`` holds the weights that
+scored best on validation (the averaged ones once SNT-ASGD is on). Orbax writes
+into a temporary folder and renames it when complete, so an interrupted save
+never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+  """The latest-state and best-weights checkpoints of one workdir."""
+
+  def __init__(self, workdir: str):
+    self._latest = _manager(os.path.join(workdir, 'checkpoints'))
+    self._best = _manager(os.path.join(workdir, 'best'))
+
+  def save_latest(self, step: int, state: PyTree, host_state: dict) -> None:
+    self._latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+    self._latest.wait_until_finished()
+
+  def restore_latest(self, like: PyTree) -> tuple[PyTree, dict] | None:
+    """``(state, host_state)`` of the latest checkpoint, or None if there is none."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    restored = self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore()))
+    return restored['state'], restored['host']
+
+  def save_best(self, epoch: int, weights: PyTree) -> None:
+    self._best.save(epoch, args=ocp.args.StandardSave(weights), force=True)
+    self._best.wait_until_finished()
+
+  def restore_best(self, like: PyTree) -> PyTree | None:
+    epoch = self._best.latest_step()
+    if epoch is None:
+      return None
+    return self._best.restore(epoch, args=ocp.args.StandardRestore(_abstract(like)))
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()

@@ -1,0 +1,70 @@
+"""Metrics to ``WORKDIR/metrics.jsonl`` (one JSON object a line) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from typing import Any, Mapping
+
+try:  # TensorBoard event files are optional.
+  from tensorboardX import SummaryWriter
+except ImportError:  # pragma: no cover
+  SummaryWriter = None
+
+
+def _flatten(record: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
+  scalars = {}
+  for key, value in record.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping):
+      scalars.update(_flatten(value, name + '/'))
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+      scalars[name] = float(value)
+  return scalars
+
+
+def read_records(path: str) -> list[dict]:
+  """All records of a ``metrics.jsonl`` file (empty if it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricWriter:
+  """Appends records to ``metrics.jsonl`` and mirrors their scalars to TensorBoard.
+
+  Every record carries ``"step"``. On resume, :meth:`truncate_after` drops the
+  records written after the restored checkpoint, so the file describes one
+  consistent run.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if (
+        tensorboard and SummaryWriter is not None) else None
+
+  def truncate_after(self, step: int) -> None:
+    kept = [r for r in read_records(self.path) if r.get('step', 0) <= step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      for record in kept:
+        f.write(json.dumps(record) + '\n')
+    os.replace(tmp, self.path)
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in record.items()}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(clean) + '\n')
+    if self._tb is not None:
+      step = int(record['step'])
+      for name, value in _flatten({k: v for k, v in record.items() if k != 'step'}).items():
+        self._tb.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,139 @@
+"""Pure train/eval steps and the train state (jitted by the caller)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from selfish_jax.data import batching
+from selfish_jax.sparsity import topology
+
+PyTree = Any
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training, as one pytree.
+
+  Attributes:
+    step: global training step (int32).
+    params: model parameters, zero wherever their mask is False.
+    masks: boolean masks beside ``params`` (``None`` for dense leaves).
+    opt_state: optimizer state (SNT-ASGD averages and counters included).
+    carry: the LSTM state carried from one BPTT window to the next.
+  """
+  step: jax.Array
+  params: PyTree
+  masks: PyTree
+  opt_state: optax.OptState
+  carry: PyTree
+
+
+class Windows(flax.struct.PyTreeNode):
+  """All BPTT windows of a split, padded to ``bptt``: ``[num_windows, batch, bptt]``.
+
+  ``weights`` is 1 for real target tokens and 0 for padding; only the last
+  window is padded, and padding sits after the real tokens, so it changes
+  neither the loss nor the gradient of a causal model.
+  """
+  inputs: jax.Array
+  targets: jax.Array
+  weights: jax.Array
+
+  @property
+  def num_windows(self) -> int:
+    return self.inputs.shape[0]
+
+  def __getitem__(self, index) -> 'Windows':
+    return Windows(self.inputs[index], self.targets[index], self.weights[index])
+
+
+def make_windows(columns: np.ndarray, bptt: int) -> Windows:
+  """Cuts ``[batch, steps]`` columns into padded windows like the reference."""
+  n = batching.num_windows(columns, bptt)
+  batch = columns.shape[0]
+  inputs = np.zeros((n, batch, bptt), np.int32)
+  targets = np.zeros((n, batch, bptt), np.int32)
+  weights = np.zeros((n, batch, bptt), np.float32)
+  for index, x, y in batching.bptt_windows(columns, bptt):
+    length = x.shape[1]
+    inputs[index, :, :length] = x
+    targets[index, :, :length] = y
+    weights[index, :, :length] = 1.0
+  return Windows(inputs, targets, weights)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood; logits ``[T, B, V]``, targets ``[B, T]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets.T).T
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
+                    dropout_key: jax.Array) -> Callable[[TrainState, Windows], tuple]:
+  """``train_step(state, window) -> (state, loss)``; jit it at the call site.
+
+  The dropout key of step ``s`` is ``fold_in(dropout_key, s)``, so a resumed
+  run draws the same dropout masks as an uninterrupted one.
+  """
+
+  def loss_fn(params, state: TrainState, window: Windows, key):
+    logits, carry = model.apply({'params': params}, window.inputs, state.carry, train=True,
+                                rngs={'dropout': key})
+    loss = jnp.sum(token_nll(logits, window.targets) * window.weights) / jnp.sum(window.weights)
+    return loss, carry
+
+  def train_step(state: TrainState, window: Windows):
+    key = jax.random.fold_in(dropout_key, state.step)
+    (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, window, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks)
+    params = optax.apply_updates(state.params, updates)
+    carry = jax.lax.stop_gradient(carry)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         carry=carry), loss
+
+  return train_step
+
+
+def make_gradient_fn(model: nn.Module) -> Callable[[PyTree, PyTree, Windows, jax.Array], PyTree]:
+  """``grads(params, carry, window, key)``: the dense gradient of one window (for RigL)."""
+
+  def loss_fn(params, carry, window: Windows, key):
+    logits, _ = model.apply({'params': params}, window.inputs, carry, train=True,
+                            rngs={'dropout': key})
+    return jnp.sum(token_nll(logits, window.targets) * window.weights) / jnp.sum(window.weights)
+
+  return jax.grad(loss_fn)
+
+
+def make_evaluate(model: nn.Module, batch_size: int) -> Callable[[PyTree, Windows], jax.Array]:
+  """``evaluate(params, windows) -> mean NLL`` over a whole split, in one scan.
+
+  The hidden state is carried across windows and starts at zero, like the
+  reference's ``evaluate``.
+  """
+
+  def evaluate(params, windows: Windows):
+    def body(carry, window: Windows):
+      logits, carry = model.apply({'params': params}, window.inputs, carry, train=False)
+      return carry, jnp.sum(token_nll(logits, window.targets) * window.weights)
+
+    _, sums = jax.lax.scan(body, model.initial_carry(batch_size), windows)
+    return jnp.sum(sums) / jnp.sum(windows.weights)
+
+  return evaluate
+
+
+def make_topology_update(growth: str, removal: str = 'magnitude'):
+  """``update(params, masks, key, death_rate, scores) -> (params, masks)``."""
+
+  def update(params, masks, key, death_rate, scores=None):
+    return topology.update_topology(params, masks, key, death_rate, growth=growth,
+                                    scores=scores, removal=removal)
+
+  return update

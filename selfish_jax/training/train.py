@@ -1,0 +1,220 @@
+"""``train_and_evaluate``: the epoch loop of Selfish-RNN with SNT-ASGD.
+
+Per epoch, as in the reference: train on every BPTT window; validate (on the
+averaged weights once SNT-ASGD is on) and keep the best weights; in the SGD
+phase apply the non-monotone trigger; update the topology (except in the epoch
+whose validation triggered the switch, as the reference does); checkpoint.
+After the last epoch the best weights are tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from selfish_jax import config as config_lib
+from selfish_jax import optim, sparsity
+from selfish_jax.data import batchify, load_corpus
+from selfish_jax.models.lstm import StackedLSTMLM
+from selfish_jax.training import steps
+from selfish_jax.training.checkpoint import Checkpoints
+from selfish_jax.training.metrics import MetricWriter
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class HostState:
+  """Loop state kept on the host and checkpointed as JSON."""
+  epoch: int = 1  # the epoch in progress
+  window: int = 0  # windows of this epoch already trained
+  val_losses: list = dataclasses.field(default_factory=list)  # SGD-phase history
+  best_val_loss: float = math.inf
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d['best_val_loss'] = None if math.isinf(self.best_val_loss) else self.best_val_loss
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> 'HostState':
+    d = dict(d)
+    d['best_val_loss'] = math.inf if d['best_val_loss'] is None else d['best_val_loss']
+    return cls(**d)
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> StackedLSTMLM:
+  return StackedLSTMLM(vocab_size=vocab_size, emsize=config.emsize, nhid=config.nhid,
+                       nlayers=config.nlayers, dropout=config.dropout, tied=config.tied,
+                       compute_dtype=jnp.dtype(config.compute_dtype))
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  return optim.snt_asgd(config.lr, weight_decay=config.weight_decay,
+                        clip_norm=config.clip if config.clip > 0 else None)
+
+
+def is_sparse_method(config: ml_collections.ConfigDict) -> bool:
+  return config.method != 'dense'
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: StackedLSTMLM,
+                       tx: optax.GradientTransformation, key: jax.Array) -> steps.TrainState:
+  """Initial parameters, masks (exact counts) and optimizer state."""
+  params_key, mask_key = jax.random.split(key)
+  carry = model.initial_carry(config.batch_size)
+  params = jax.jit(lambda k: model.init(
+      k, jnp.zeros((1, 1), jnp.int32), model.initial_carry(1), train=False)['params'])(params_key)
+  if is_sparse_method(config):
+    masks = jax.jit(lambda k, p: sparsity.init_masks(k, p, config.density, config.sparse_init))(
+        mask_key, params)
+    params = sparsity.apply_masks(params, masks)
+  else:
+    masks = sparsity.dense_masks(params)
+  return steps.TrainState(step=jnp.int32(0), params=params, masks=masks,
+                          opt_state=tx.init(params), carry=carry)
+
+
+def _perplexity(loss: float) -> float:
+  return math.exp(min(loss, 700.0))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, validates and tests as ``config`` says; resumes from ``workdir``.
+
+  Returns:
+    The final record: best validation and test perplexity, and more.
+  """
+  config_lib.validate(config)
+  corpus = load_corpus(config.dataset, config.data_dir, allow_download=config.download,
+                       base_url=config.download_url or None)
+  train_windows = steps.make_windows(batchify(corpus.train, config.batch_size), config.bptt)
+  valid_windows = steps.make_windows(batchify(corpus.valid, config.eval_batch_size), config.bptt)
+  test_windows = steps.make_windows(batchify(corpus.test, config.eval_batch_size), config.bptt)
+  steps_per_epoch = train_windows.num_windows
+  if config.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  tokens_per_step = config.batch_size * config.bptt
+
+  model = build_model(config, corpus.vocab_size)
+  tx = build_optimizer(config)
+  root = jax.random.key(config.seed)
+  init_key, dropout_key, topology_key = jax.random.split(root, 3)
+  state = create_train_state(config, model, tx, init_key)
+  sparse = is_sparse_method(config)
+  death_rate = sparsity.death_rate_schedule(config.death_rate, config.num_epochs * steps_per_epoch,
+                                            config.death_rate_final)
+
+  train_step = jax.jit(steps.make_train_step(model, tx, dropout_key), donate_argnums=0)
+  evaluate_train_batch = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
+  evaluate = lambda params, windows: float(evaluate_train_batch(params, windows))
+  update_topology = jax.jit(steps.make_topology_update(config.growth))
+  gradient_fn = jax.jit(steps.make_gradient_fn(model))
+  eval_params = jax.jit(optim.averaged_params)
+
+  checkpoints = Checkpoints(workdir)
+  writer = MetricWriter(workdir)
+  host = HostState()
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    state, host_json = restored
+    host = HostState.from_json(host_json)
+    writer.truncate_after(int(state.step))
+    logging.info('Resumed from %s at step %d (epoch %d, window %d).', workdir,
+                 int(state.step), host.epoch, host.window)
+  else:
+    summary = sparsity.summarize(state.masks)
+    logging.info('Parameters: %d; density %.4f; active per matrix %s',
+                 sum(p.size for p in jax.tree.leaves(state.params)), summary['density'],
+                 summary['active'])
+
+  def save_latest():
+    checkpoints.save_latest(int(state.step), state, host.to_json())
+
+  while host.epoch <= config.num_epochs:
+    epoch = host.epoch
+    epoch_start = time.time()
+    if host.window == 0:
+      state = state.replace(carry=model.initial_carry(config.batch_size))
+    losses, interval_start, interval_steps = [], time.time(), 0
+    for index in range(host.window, steps_per_epoch):
+      state, loss = train_step(state, train_windows[index])
+      losses.append(loss)
+      interval_steps += 1
+      host.window = index + 1
+      if host.window % config.log_every == 0 or host.window == steps_per_epoch:
+        mean_loss = float(jnp.mean(jnp.stack(losses)))
+        elapsed = time.time() - interval_start
+        record = {'step': int(state.step), 'epoch': epoch, 'loss': mean_loss,
+                  'ppl': _perplexity(mean_loss), 'ms_per_step': 1000 * elapsed / interval_steps,
+                  'tokens_per_s': tokens_per_step * interval_steps / elapsed}
+        writer.write(record)
+        logging.info('| epoch %3d | %5d/%5d windows | loss %5.2f | ppl %8.2f | '
+                     '%6.1f ms/step | %6.0f tokens/s', epoch, host.window, steps_per_epoch,
+                     mean_loss, record['ppl'], record['ms_per_step'], record['tokens_per_s'])
+        losses, interval_start, interval_steps = [], time.time(), 0
+      if (config.checkpoint_every_steps and host.window % config.checkpoint_every_steps == 0
+          and host.window < steps_per_epoch):
+        save_latest()
+    train_time = time.time() - epoch_start
+
+    averaging = bool(optim.is_averaging(state.opt_state))
+    weights = eval_params(state.opt_state, state.params)
+    val_loss = evaluate(weights, valid_windows)
+    improved = val_loss < host.best_val_loss
+    if improved:
+      host.best_val_loss = val_loss
+      checkpoints.save_best(epoch, weights)
+    switched = False
+    if not averaging:
+      if optim.nonmonotone_trigger(host.val_losses, val_loss, config.nonmono):
+        state = state.replace(opt_state=optim.start_averaging(state.opt_state))
+        switched = True
+        logging.info('Switching to SNT-ASGD (averaging) after epoch %d.', epoch)
+      host.val_losses.append(val_loss)
+    rate = float(death_rate(state.step))
+    if sparse and not switched:
+      scores = None
+      if config.growth == 'gradient':
+        scores = gradient_fn(state.params, model.initial_carry(config.batch_size),
+                             train_windows[0], jax.random.fold_in(topology_key, -epoch))
+      params, masks = update_topology(state.params, state.masks,
+                                      jax.random.fold_in(topology_key, epoch), rate, scores)
+      state = state.replace(params=params, masks=masks)
+    summary = sparsity.summarize(state.masks)
+    record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
+              'val_ppl': _perplexity(val_loss), 'density': summary['density'],
+              'optimizer': 'asgd' if averaging else 'sgd', 'death_rate': rate,
+              'epoch_time_s': time.time() - epoch_start,
+              'train_tokens_per_s': tokens_per_step * steps_per_epoch / max(train_time, 1e-9),
+              'gate_density': summary['gate_density']}
+    writer.write(record)
+    logging.info('| end of epoch %3d | %6.1fs | valid loss %5.2f | valid ppl %8.2f | %s | '
+                 'density %.4f | death rate %.4f%s', epoch, record['epoch_time_s'], val_loss,
+                 record['val_ppl'], record['optimizer'], summary['density'], rate,
+                 ' | best' if improved else '')
+    for name, gates in summary['gate_density'].items():
+      logging.info('    gate density %s: %s', name,
+                   ' '.join(f'{g}={d:.3f}' for g, d in gates.items()))
+    host.epoch, host.window = epoch + 1, 0
+    save_latest()
+
+  best = checkpoints.restore_best(state.params)
+  test_loss = evaluate(best if best is not None else state.params, test_windows)
+  final = {'step': int(state.step), 'test_loss': test_loss, 'test_ppl': _perplexity(test_loss),
+           'best_val_loss': host.best_val_loss, 'best_val_ppl': _perplexity(host.best_val_loss),
+           'density': sparsity.overall_density(state.masks)}
+  writer.write(final)
+  logging.info('| end of training | test loss %5.2f | test ppl %8.2f | best valid ppl %8.2f',
+               test_loss, final['test_ppl'], final['best_val_ppl'])
+  writer.close()
+  checkpoints.close()
+  return final
