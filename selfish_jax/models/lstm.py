@@ -33,6 +33,24 @@ def uniform_init(scale: float) -> nn.initializers.Initializer:
   return init
 
 
+def softmax_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array,
+                targets: jax.Array) -> jax.Array:
+  """Per-token ``-log softmax(features @ kernel + bias)[target]``.
+
+  The target logit is computed from the gathered kernel columns rather than
+  picked out of the ``[N, vocab]`` logits: differentiating a pick scatters
+  into a dense ``[N, vocab]`` buffer, which costs XLA:CPU about as much as a
+  decoder matmul. The max shift is constant to autodiff (it cancels exactly).
+  """
+  logits = jnp.dot(features, kernel, preferred_element_type=jnp.float32) + bias
+  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1)) + shift[..., 0]
+  target_columns = kernel.T[targets]
+  target_logits = jnp.sum(features.astype(jnp.float32) * target_columns.astype(jnp.float32),
+                          axis=-1) + bias[targets]
+  return log_normaliser - target_logits
+
+
 class LSTMLayer(nn.Module):
   """One LSTM layer over a time-major window ``[T, B, in]``."""
   hidden_size: int
@@ -49,8 +67,10 @@ class LSTMLayer(nn.Module):
     dtype = self.compute_dtype
     # The input projection of the whole window is one large matmul; only the
     # recurrent product stays inside the sequential loop.
-    projected = jnp.dot(inputs.astype(dtype), w_in.astype(dtype),
+    steps, batch = inputs.shape[:2]
+    projected = jnp.dot(inputs.reshape(steps * batch, -1).astype(dtype), w_in.astype(dtype),
                         preferred_element_type=jnp.float32) + (b_in + b_rec)
+    projected = projected.reshape(steps, batch, 4 * hidden)
     w_rec = w_rec.astype(dtype)
 
     def step(carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
@@ -81,14 +101,20 @@ class StackedLSTMLM(nn.Module):
     return tuple((zeros(), zeros()) for _ in range(self.nlayers))
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool
-               ) -> tuple[jax.Array, tuple[Carry, ...]]:
-    """Logits ``[T, B, vocab]`` (time-major) for ``tokens [B, T]`` and the new carry."""
+  def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
+               targets: jax.Array | None = None) -> tuple[jax.Array, tuple[Carry, ...]]:
+    """Runs ``tokens [B, T]`` from ``carry``.
+
+    Returns:
+      ``(logits [B, T, vocab], carry)``, or with ``targets [B, T]`` the
+      per-token negative log-likelihood ``[B, T]`` instead of the logits
+      (cheaper to differentiate, see :func:`softmax_nll`).
+    """
     if self.tied and self.emsize != self.nhid:
       raise ValueError('tied weights need emsize == nhid')
     drop = nn.Dropout(self.dropout, deterministic=not train)
     embedding = self.param('embedding', uniform_init(0.1), (self.vocab_size, self.emsize))
-    x = drop(jnp.take(embedding, tokens.T, axis=0))
+    x = drop(jnp.take(embedding, tokens.T, axis=0))  # time-major [T, B, E] for the scans
     new_carry = []
     for layer in range(self.nlayers):
       x, layer_carry = LSTMLayer(self.nhid, self.compute_dtype, name=f'lstm_{layer}')(
@@ -101,6 +127,11 @@ class StackedLSTMLM(nn.Module):
       kernel = self.param('decoder_kernel', uniform_init(0.1), (self.nhid, self.vocab_size))
     bias = self.param('decoder_bias', nn.initializers.zeros_init(), (self.vocab_size,))
     dtype = self.compute_dtype
-    logits = jnp.dot(x.astype(dtype), kernel.astype(dtype),
-                     preferred_element_type=jnp.float32) + bias
-    return logits, tuple(new_carry)
+    x = x.astype(dtype)  # [T, B, H]
+    kernel = kernel.astype(dtype)
+    if targets is not None:
+      steps, batch = x.shape[:2]
+      nll = softmax_nll(x.reshape(steps * batch, -1), kernel, bias, targets.T.reshape(-1))
+      return nll.reshape(steps, batch).T, tuple(new_carry)
+    logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
+    return jnp.swapaxes(logits, 0, 1), tuple(new_carry)

@@ -68,9 +68,13 @@ def make_windows(columns: np.ndarray, bptt: int) -> Windows:
   return Windows(inputs, targets, weights)
 
 
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihood; logits ``[T, B, V]``, targets ``[B, T]``."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets.T).T
+def window_nll(model: nn.Module, params: PyTree, carry: PyTree, window: Windows, *,
+               train: bool, key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
+  """Summed NLL of the real (unpadded) tokens of ``window``, and the new carry."""
+  rngs = {'dropout': key} if train else {}
+  nll, carry = model.apply({'params': params}, window.inputs, carry, train=train,
+                           targets=window.targets, rngs=rngs)
+  return jnp.sum(nll * window.weights), carry
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
@@ -82,10 +86,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
   """
 
   def loss_fn(params, state: TrainState, window: Windows, key):
-    logits, carry = model.apply({'params': params}, window.inputs, state.carry, train=True,
-                                rngs={'dropout': key})
-    loss = jnp.sum(token_nll(logits, window.targets) * window.weights) / jnp.sum(window.weights)
-    return loss, carry
+    nll, carry = window_nll(model, params, state.carry, window, train=True, key=key)
+    return nll / jnp.sum(window.weights), carry
 
   def train_step(state: TrainState, window: Windows):
     key = jax.random.fold_in(dropout_key, state.step)
@@ -104,9 +106,8 @@ def make_gradient_fn(model: nn.Module) -> Callable[[PyTree, PyTree, Windows, jax
   """``grads(params, carry, window, key)``: the dense gradient of one window (for RigL)."""
 
   def loss_fn(params, carry, window: Windows, key):
-    logits, _ = model.apply({'params': params}, window.inputs, carry, train=True,
-                            rngs={'dropout': key})
-    return jnp.sum(token_nll(logits, window.targets) * window.weights) / jnp.sum(window.weights)
+    nll, _ = window_nll(model, params, carry, window, train=True, key=key)
+    return nll / jnp.sum(window.weights)
 
   return jax.grad(loss_fn)
 
@@ -120,8 +121,8 @@ def make_evaluate(model: nn.Module, batch_size: int) -> Callable[[PyTree, Window
 
   def evaluate(params, windows: Windows):
     def body(carry, window: Windows):
-      logits, carry = model.apply({'params': params}, window.inputs, carry, train=False)
-      return carry, jnp.sum(token_nll(logits, window.targets) * window.weights)
+      nll, carry = window_nll(model, params, carry, window, train=False)
+      return carry, nll
 
     _, sums = jax.lax.scan(body, model.initial_carry(batch_size), windows)
     return jnp.sum(sums) / jnp.sum(windows.weights)
