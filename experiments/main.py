@@ -4,15 +4,17 @@ r"""Trains a sparse RNN language model.
       --workdir=/tmp/run --config.data_dir=../shared/data --config.method=dense
 
 Running again with the same ``--workdir`` resumes from its last checkpoint.
+User errors (bad flag or config value, missing or corrupt data) are reported
+on one line with a non-zero exit code.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from selfish_jax.errors import UserError
-from selfish_jax.training.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an experiment config file.',
                                           lock_config=True)
@@ -20,16 +22,38 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and m
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def fail(message: str) -> None:
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors (unknown config keys, bad files)."""
+  try:
+    args = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a config file that failed to load raises here
+    return args
+  except flags.Error as e:
+    fail(e)
+  except (AttributeError, KeyError) as e:
+    text = str(e).replace('\\n', ' ')
+    key = re.search(r"'([^'\\]+)\\?'", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    fail(f'unknown config key {key.group(1) if key else text!r}'
+         + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+  except (OSError, ValueError, TypeError) as e:
+    fail(e)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_handler().use_absl_log_file = False
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  from selfish_jax.training.train import train_and_evaluate  # after flags: faster --help
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    fail(e)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

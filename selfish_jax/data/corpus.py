@@ -143,23 +143,22 @@ def sha256_text(text: str) -> str:
   return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
-def load_split_text(dataset: str, split: str, data_dir: str, *,
+def load_split_text(dataset: str, split: str, directory: str, *,
                     allow_download: bool = True, base_url: str | None = None) -> str:
   """Text of one split of a known corpus, verified against its sha256.
 
-  Looks in ``data_dir/<corpus folder>/`` for ``{split}.txt`` or
-  ``{split}.txt.gz``; if neither is there and ``allow_download`` is set, fetches
-  the split from its standard location (or ``base_url/{split}.txt``) into that
-  folder first.
+  Looks in ``directory`` (the corpus folder, e.g. ``data/ptb``) for
+  ``{split}.txt`` or ``{split}.txt.gz``; if neither is there and
+  ``allow_download`` is set, fetches the split from its standard location (or
+  ``base_url/{split}.txt``) into ``directory`` first.
   """
-  info = known_corpus(dataset)
-  split_info = info.splits[split]
-  directory = os.path.join(os.path.expanduser(data_dir), info.name)
+  split_info = known_corpus(dataset).splits[split]
+  directory = os.path.expanduser(directory)
   path = find_split_file(directory, split)
   if path is None:
     if not allow_download:
       raise DataError(f'missing data file: no {split}.txt or {split}.txt.gz in {directory} '
-                      '(set download=True to fetch it)')
+                      '(allow downloads to fetch it)')
     url = f'{base_url.rstrip("/")}/{split}.txt' if base_url else split_info.url
     path = download.fetch(url, os.path.join(directory, f'{split}.txt'), sha256=split_info.sha256)
   text = read_text(path)
@@ -192,7 +191,8 @@ def load_corpus(dataset: str, data_dir: str, *, allow_download: bool = True,
   Returns:
     The corpus; its vocabulary is built on the training split.
   """
-  texts = {split: load_split_text(dataset, split, data_dir, allow_download=allow_download,
+  directory = os.path.join(os.path.expanduser(data_dir), known_corpus(dataset).name)
+  texts = {split: load_split_text(dataset, split, directory, allow_download=allow_download,
                                   base_url=base_url) for split in SPLITS}
   return corpus_from_texts(texts)
 

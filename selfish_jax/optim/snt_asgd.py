@@ -39,10 +39,14 @@ class SparseAveragingState(NamedTuple):
   averages: PyTree
 
 
-def mask_updates(updates: PyTree, masks: Masks | None) -> PyTree:
-  """Zeroes updates at inactive positions, so masked params stay masked."""
+def mask_updates(updates: PyTree, params: PyTree, masks: Masks | None) -> PyTree:
+  """Updates after which every inactive weight is exactly zero.
+
+  ``params + mask_updates(...)`` is ``where(mask, params + updates, 0)``: the
+  weights are re-masked after every step, whatever the mask was before.
+  """
   return map_with_masks(
-      lambda u, m: u if m is None else jnp.where(m, u, jnp.zeros_like(u)), updates, masks)
+      lambda u, m, p: u if m is None else jnp.where(m, u, -p), updates, masks, params)
 
 
 def sparse_averaging() -> optax.GradientTransformationExtraArgs:
@@ -64,7 +68,7 @@ def sparse_averaging() -> optax.GradientTransformationExtraArgs:
     del extra_args
     if params is None:
       raise ValueError('sparse_averaging needs params')
-    updates = mask_updates(updates, masks)
+    updates = mask_updates(updates, params, masks)
 
     def average(state):
       new_params = optax.apply_updates(params, updates)
@@ -134,7 +138,7 @@ def nonmonotone_trigger(previous_losses: Sequence[float], loss: float, nonmono: 
   """NT-ASGD's switch: ``len(L) > nonmono and loss > min(L[:-nonmono])``.
 
   ``previous_losses`` are the validation losses of the earlier epochs (SGD
-  phase), ``loss`` the current one.
+  phase), ``loss`` the current one. ``nonmono=0`` compares with all of ``L``.
   """
   losses = list(previous_losses)
-  return len(losses) > nonmono and loss > min(losses[:-nonmono])
+  return len(losses) > nonmono and loss > min(losses[:len(losses) - nonmono])

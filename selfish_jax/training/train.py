@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config, corpus.vocab_size)
   tx = build_optimizer(config)
   root = jax.random.key(config.seed)
-  init_key, dropout_key, topology_key = jax.random.split(root, 3)
+  init_key, dropout_key, topology_key, gradient_key = jax.random.split(root, 4)
   state = create_train_state(config, model, tx, init_key)
   sparse = is_sparse_method(config)
   death_rate = sparsity.death_rate_schedule(config.death_rate, config.num_epochs * steps_per_epoch,
@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scores = None
       if config.growth == 'gradient':
         scores = gradient_fn(state.params, model.initial_carry(config.batch_size),
-                             train_windows[0], jax.random.fold_in(topology_key, -epoch))
+                             train_windows[0], jax.random.fold_in(gradient_key, epoch))
       params, masks = update_topology(state.params, state.masks,
                                       jax.random.fold_in(topology_key, epoch), rate, scores)
       state = state.replace(params=params, masks=masks)

@@ -1,0 +1,102 @@
+"""The stacked LSTM: fused gate layout, initialisation, loss path, padding."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from selfish_jax.models import lstm
+from selfish_jax.training import steps
+
+
+def _model_and_params(**kwargs):
+  model = lstm.StackedLSTMLM(vocab_size=50, emsize=8, nhid=12, nlayers=2, **kwargs)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32), model.initial_carry(1),
+                      train=False)['params']
+  return model, params
+
+
+def test_fused_gate_kernels_and_reference_initialisation():
+  _, params = _model_and_params()
+  assert params['lstm_0']['input_kernel'].shape == (8, 48)
+  assert params['lstm_0']['recurrent_kernel'].shape == (12, 48)
+  assert params['lstm_1']['input_kernel'].shape == (12, 48)
+  bound = 1 / math.sqrt(12)
+  for name in ('input_kernel', 'recurrent_kernel', 'input_bias', 'recurrent_bias'):
+    values = np.asarray(params['lstm_1'][name])
+    assert values.min() >= -bound and values.max() <= bound and values.std() > bound / 3
+  for name in ('embedding', 'decoder_kernel'):
+    values = np.asarray(params[name])
+    assert values.min() >= -0.1 and values.max() <= 0.1
+  assert not np.any(np.asarray(params['decoder_bias']))
+
+
+def test_tied_model_has_no_decoder_kernel():
+  _, params = _model_and_params(tied=False)
+  assert 'decoder_kernel' in params
+  model = lstm.StackedLSTMLM(vocab_size=50, emsize=12, nhid=12, nlayers=1, tied=True)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32), model.initial_carry(1),
+                      train=False)['params']
+  assert 'decoder_kernel' not in params
+
+
+def test_nll_path_equals_cross_entropy_of_logits():
+  model, params = _model_and_params()
+  tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, 50)
+  targets = jax.random.randint(jax.random.key(2), (3, 7), 0, 50)
+  carry = model.initial_carry(3)
+  logits, carry_a = model.apply({'params': params}, tokens, carry, train=False)
+  nll, carry_b = model.apply({'params': params}, tokens, carry, train=False, targets=targets)
+  expected = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(carry_a[1][0], carry_b[1][0])
+  # Gradients agree too.
+  g1 = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, tokens, carry, train=False,
+                                              targets=targets)[0]))(params)
+  g2 = jax.grad(lambda p: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({'params': p}, tokens, carry, train=False)[0], targets)))(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lstm_cell_matches_the_pytorch_equations():
+  model, params = _model_and_params()
+  tokens = jnp.array([[3, 4]])
+  nll, ((h0, c0), _) = model.apply({'params': params}, tokens, model.initial_carry(1),
+                                   train=False, targets=tokens)
+  del nll
+  p = jax.tree.map(np.asarray, params)
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  h = np.zeros(12)
+  c = np.zeros(12)
+  for token in (3, 4):
+    x = p['embedding'][token]
+    gates = (x @ p['lstm_0']['input_kernel'] + h @ p['lstm_0']['recurrent_kernel']
+             + p['lstm_0']['input_bias'] + p['lstm_0']['recurrent_bias'])
+    i, f, g, o = np.split(gates, 4)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    h = sigmoid(o) * np.tanh(c)
+  np.testing.assert_allclose(h0[0], h, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(c0[0], c, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_the_last_window_changes_nothing():
+  model, params = _model_and_params()
+  columns = np.arange(2 * 24, dtype=np.int32).reshape(2, 24) % 50
+  windows = steps.make_windows(columns, 10)  # 3 windows: 10, 10, 3 real steps
+  assert windows.num_windows == 3
+  np.testing.assert_array_equal(windows.weights[2].sum(axis=1), [3, 3])
+  evaluate = steps.make_evaluate(model, 2)
+  mean_nll = float(evaluate(params, windows))
+  # The same computation by hand, window by window, without padding.
+  carry, total, count = model.initial_carry(2), 0.0, 0
+  for start in range(0, 23, 10):
+    length = min(10, 23 - start)
+    x, y = columns[:, start:start + length], columns[:, start + 1:start + 1 + length]
+    nll, carry = model.apply({'params': params}, x, carry, train=False, targets=y)
+    total += float(jnp.sum(nll))
+    count += nll.size
+  assert mean_nll == pytest.approx(total / count, rel=1e-5)

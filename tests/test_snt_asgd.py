@@ -1,0 +1,131 @@
+"""SNT-ASGD against hand-computed references, trigger rule, optax composition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from selfish_jax import optim
+
+LR, WD, CLIP = 0.5, 0.01, 1.0
+
+
+def numpy_reference(params, grads_seq, masks_seq, switch_at):
+  """SNT-ASGD written out step by step in NumPy (the paper's Sparse_ASGD rule)."""
+  p = {k: v.copy() for k, v in params.items()}
+  k = {n: np.zeros(v.shape, np.int32) for n, v in p.items()}
+  ax = {n: np.zeros_like(v) for n, v in p.items()}
+  history = []
+  for t, (grads, masks) in enumerate(zip(grads_seq, masks_seq)):
+    norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
+    scale = 1.0 if norm < CLIP else CLIP / norm
+    for n in p:
+      g = grads[n] * np.float32(scale) + np.float32(WD) * p[n]
+      new = p[n] - np.float32(LR) * g
+      m = masks[n]
+      if m is not None:
+        new = np.where(m, new, 0).astype(np.float32)
+      p[n] = new.astype(np.float32)
+      if t >= switch_at:
+        k[n] = k[n] + 1 if m is None else np.where(m, k[n] + 1, 0)
+        mu = np.where(k[n] <= 2, 1.0, 1.0 / np.maximum(k[n] - 1, 1)).astype(np.float32)
+        ax[n] = np.where(k[n] <= 2, p[n], ax[n] + (p[n] - ax[n]) * mu).astype(np.float32)
+        if m is not None:
+          ax[n] = np.where(m, ax[n], 0).astype(np.float32)
+    history.append(({n: v.copy() for n, v in p.items()}, {n: v.copy() for n, v in ax.items()},
+                    {n: v.copy() for n, v in k.items()}))
+  return history
+
+
+def test_matches_numpy_reference_while_the_mask_changes():
+  rng = np.random.default_rng(0)
+  shape = (3, 4)
+  m0 = rng.random(shape) < 0.6
+  m1 = m0.copy()
+  m1[0, :] = ~m1[0, :]  # prune some weights, regrow others; the rest kept
+  masks_seq = [{'w': m0, 'b': None}] * 4 + [{'w': m1, 'b': None}] * 3 + [{'w': m0, 'b': None}] * 3
+  params = {'w': np.where(m0, rng.normal(size=shape), 0).astype(np.float32),
+            'b': rng.normal(size=(4,)).astype(np.float32)}
+  grads_seq = [{'w': rng.normal(size=shape).astype(np.float32) * 0.5,
+                'b': rng.normal(size=(4,)).astype(np.float32) * 0.5} for _ in masks_seq]
+  switch_at = 2
+  expected = numpy_reference(params, grads_seq, masks_seq, switch_at)
+
+  tx = optim.snt_asgd(LR, weight_decay=WD, clip_norm=CLIP)
+  traces = []
+
+  @jax.jit
+  def step(p, state, g, m):
+    traces.append(1)
+    updates, state = tx.update(g, state, p, masks=m)
+    return optax.apply_updates(p, updates), state
+
+  p = jax.tree.map(jnp.asarray, params)
+  state = tx.init(p)
+  for t, (g, m) in enumerate(zip(grads_seq, masks_seq)):
+    if t == switch_at:
+      state = optim.start_averaging(state)
+    p, state = step(p, state, jax.tree.map(jnp.asarray, g),
+                    {n: None if v is None else jnp.asarray(v) for n, v in m.items()})
+    exp_p, exp_ax, exp_k = expected[t]
+    averaging = optax.tree_utils.tree_get(state, 'SparseAveragingState')
+    for n in ('w', 'b'):
+      np.testing.assert_allclose(p[n], exp_p[n], rtol=1e-6, atol=1e-7, err_msg=f'{n} step {t}')
+      np.testing.assert_allclose(averaging.averages[n], exp_ax[n], rtol=1e-6, atol=1e-7)
+      np.testing.assert_array_equal(averaging.weight_steps[n], exp_k[n])
+  assert len(traces) == 1  # mask changes and the switch never recompile
+  # Inactive weights have zero averages; reactivated weights restarted their count.
+  ax_w = np.asarray(averaging.averages['w'])
+  assert np.all(ax_w[~m0] == 0)
+  np.testing.assert_array_equal(np.asarray(averaging.weight_steps['w'])[0][m0[0] & ~m1[0]], 3)
+
+
+def test_average_is_the_mean_of_iterates_from_the_second_step():
+  # One weight, constant gradient 1, no clipping/decay: iterates p_t = 1 - t * lr.
+  tx = optim.snt_asgd(0.1, weight_decay=0.0, clip_norm=None)
+  p = {'w': jnp.ones((1,))}
+  state = optim.start_averaging(tx.init(p))
+  iterates = []
+  for _ in range(6):
+    updates, state = tx.update({'w': jnp.ones((1,))}, state, p, masks={'w': jnp.ones((1,), bool)})
+    p = optax.apply_updates(p, updates)
+    iterates.append(float(p['w'][0]))
+  averaged = float(optim.averaged_params(state, p)['w'][0])
+  # k=1,2: ax = p; k>=3: running mean of p_2..p_k  (mu = 1/(k-1)).
+  assert averaged == pytest.approx(np.mean(iterates[1:]), rel=1e-6)
+  assert averaged == pytest.approx((0.8 + 0.7 + 0.6 + 0.5 + 0.4) / 5, rel=1e-6)
+
+
+def test_averaged_params_are_the_params_before_the_switch():
+  tx = optim.snt_asgd(0.1)
+  p = {'w': jnp.arange(3.0)}
+  state = tx.init(p)
+  assert not bool(optim.is_averaging(state))
+  np.testing.assert_array_equal(optim.averaged_params(state, p)['w'], p['w'])
+  assert bool(optim.is_averaging(optim.start_averaging(state)))
+
+
+def test_composes_with_inject_hyperparams_and_chain():
+  tx = optax.chain(optax.scale(1.0), optax.inject_hyperparams(optim.snt_asgd)(
+      learning_rate=optax.linear_schedule(1.0, 0.5, 4), weight_decay=0.0, clip_norm=None))
+  p = {'w': jnp.ones((2,)), 'b': jnp.zeros((2,))}
+  masks = {'w': jnp.array([True, False]), 'b': None}
+  p = {'w': jnp.array([1.0, 0.0]), 'b': jnp.zeros((2,))}
+  state = optim.start_averaging(tx.init(p))
+  updates, state = jax.jit(lambda g, s, p, m: tx.update(g, s, p, masks=m))(
+      {'w': jnp.ones(2), 'b': jnp.ones(2)}, state, p, masks)
+  np.testing.assert_allclose(updates['w'], [-1.0, 0.0])  # masked position stays 0
+  np.testing.assert_allclose(updates['b'], [-1.0, -1.0])
+  assert float(state[1].hyperparams['learning_rate']) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('losses,loss,nonmono,expected', [
+    ([5, 4, 3], 3.5, 5, False),  # too few epochs
+    ([5, 4, 3, 2, 1, 0.9], 4.5, 5, False),  # not worse than min(L[:-5]) = 5
+    ([5, 4, 3, 2, 1, 0.9], 5.5, 5, True),
+    ([3.0, 2.0], 2.5, 0, True),  # nonmono 0: worse than every earlier loss's min
+    ([3.0, 2.0], 1.5, 0, False),
+])
+def test_nonmonotone_trigger(losses, loss, nonmono, expected):
+  assert optim.nonmonotone_trigger(losses, loss, nonmono) is expected

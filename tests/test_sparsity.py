@@ -1,0 +1,210 @@
+"""Masks, exact selection and topology updates."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfish_jax import sparsity
+from selfish_jax.errors import ConfigError
+from selfish_jax.models.lstm import StackedLSTMLM
+from selfish_jax.sparsity import select
+
+
+@pytest.fixture(scope='module')
+def lstm_params():
+  model = StackedLSTMLM(vocab_size=500, emsize=24, nhid=32, nlayers=2)
+  return model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32), model.initial_carry(1),
+                    train=False)['params']
+
+
+def _counts(masks):
+  return {k: v for k, v in sparsity.active_counts(masks).items()}
+
+
+def test_uniform_masks_have_exact_counts_and_dense_biases(lstm_params):
+  masks = sparsity.init_masks(jax.random.key(1), lstm_params, 0.33)
+  assert masks['lstm_0']['input_bias'] is None and masks['decoder_bias'] is None
+  expected = {
+      "['decoder_kernel']": round(0.33 * 32 * 500), "['embedding']": round(0.33 * 500 * 24),
+      "['lstm_0']['input_kernel']": round(0.33 * 24 * 128),
+      "['lstm_0']['recurrent_kernel']": round(0.33 * 32 * 128),
+      "['lstm_1']['input_kernel']": round(0.33 * 32 * 128),
+      "['lstm_1']['recurrent_kernel']": round(0.33 * 32 * 128)}
+  assert _counts(masks) == expected
+  # Different keys give different, equally sized masks.
+  other = sparsity.init_masks(jax.random.key(2), lstm_params, 0.33)
+  assert _counts(other) == expected
+  assert not np.array_equal(masks['embedding'], other['embedding'])
+
+
+def test_er_masks_hit_the_total_and_favour_small_matrices(lstm_params):
+  masks = sparsity.init_masks(jax.random.key(1), lstm_params, 0.2, 'er')
+  sizes = {k: v.size for k, v in zip(_counts(masks), [
+      lstm_params['decoder_kernel'], lstm_params['embedding'],
+      lstm_params['lstm_0']['input_kernel'], lstm_params['lstm_0']['recurrent_kernel'],
+      lstm_params['lstm_1']['input_kernel'], lstm_params['lstm_1']['recurrent_kernel']])}
+  counts = _counts(masks)
+  assert abs(sum(counts.values()) - 0.2 * sum(sizes.values())) <= len(counts)
+  densities = {k: counts[k] / sizes[k] for k in counts}
+  # ER density is proportional to (n_in + n_out) / (n_in * n_out).
+  assert densities["['lstm_0']['input_kernel']"] > densities["['embedding']"]
+  expected_ratio = ((24 + 128) / (24 * 128)) / ((500 + 24) / (500 * 24))
+  ratio = densities["['lstm_0']['input_kernel']"] / densities["['embedding']"]
+  assert ratio == pytest.approx(expected_ratio, rel=0.01)
+
+
+def test_er_caps_dense_layers_at_one():
+  params = {'small': jnp.zeros((4, 4)), 'big': jnp.zeros((400, 400))}
+  densities = sparsity.leaf_densities(params, 0.5, 'er')
+  assert densities[(jax.tree_util.DictKey('small'),)] == 1.0
+  total = 16 * 1.0 + 160000 * densities[(jax.tree_util.DictKey('big'),)]
+  assert total == pytest.approx(0.5 * 160016)
+
+
+@pytest.mark.parametrize('density', [0.0, -0.1, 1.5, float('nan')])
+def test_density_outside_unit_interval_is_rejected(lstm_params, density):
+  with pytest.raises(ConfigError, match='density must be in'):
+    sparsity.init_masks(jax.random.key(0), lstm_params, density)
+
+
+def test_unknown_sparse_init_is_rejected(lstm_params):
+  with pytest.raises(ConfigError, match="unknown sparse_init 'erk'"):
+    sparsity.init_masks(jax.random.key(0), lstm_params, 0.5, 'erk')
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_select_smallest_matches_a_stable_sort(seed):
+  rng = np.random.default_rng(seed)
+  n = 1000
+  values = rng.normal(size=n).astype(np.float32)
+  values[rng.random(n) < 0.2] = 0.0  # many ties
+  values[:50] = values[50:100]  # duplicated values
+  eligible = rng.random(n) < 0.6
+  keys = select.magnitude_keys(jnp.asarray(values))
+  for k in [0, 1, 7, 100, int(eligible.sum()), int(eligible.sum()) + 5]:
+    chosen = np.asarray(select.select_smallest(keys, jnp.asarray(eligible), k))
+    order = [i for i in np.argsort(np.abs(values), kind='stable') if eligible[i]]
+    expected = np.zeros(n, bool)
+    expected[order[:k]] = True
+    np.testing.assert_array_equal(chosen, expected, err_msg=f'k={k}')
+
+
+def test_select_largest_on_signed_values():
+  values = jnp.array([-3.0, 2.0, -0.5, 7.0, 2.0, -9.0])
+  chosen = select.select_largest(select.sortable_keys(values), jnp.ones(6, bool), 3)
+  np.testing.assert_array_equal(chosen, [False, True, False, True, True, False])
+
+
+def test_random_keys_are_distinct_and_seeded():
+  a = np.asarray(select.random_keys(jax.random.key(0), (300, 70)))
+  assert len(np.unique(a)) == a.size
+  assert not np.array_equal(a, np.asarray(select.random_keys(jax.random.key(1), (300, 70))))
+
+
+def test_death_rate_schedule_is_cosine_and_clamped():
+  schedule = sparsity.death_rate_schedule(0.8, 1000)
+  assert float(schedule(0)) == pytest.approx(0.8)
+  assert float(schedule(500)) == pytest.approx(0.005 + 0.795 * 0.5)
+  assert float(schedule(250)) == pytest.approx(0.005 + 0.795 * 0.5 * (1 + math.cos(math.pi / 4)))
+  assert float(schedule(1000)) == pytest.approx(0.005)
+  assert float(schedule(5000)) == pytest.approx(0.005)
+
+
+def test_update_leaf_removes_smallest_and_regrows_at_zero():
+  rng = np.random.default_rng(0)
+  weights = rng.normal(size=(20, 40)).astype(np.float32)
+  mask = np.zeros(800, bool)
+  mask[rng.choice(800, 300, replace=False)] = True
+  mask = mask.reshape(20, 40)
+  weights = np.where(mask, weights, 0)
+  new_w, new_m = jax.jit(sparsity.update_leaf)(jnp.asarray(weights), jnp.asarray(mask),
+                                               jax.random.key(3), 0.3)
+  new_w, new_m = np.asarray(new_w), np.asarray(new_m)
+  removed_count = math.ceil(0.3 * 300)
+  assert new_m.sum() == 300
+  active_magnitudes = np.sort(np.abs(weights[mask]))
+  threshold = active_magnitudes[removed_count - 1]
+  survivors = mask & (np.abs(weights) > threshold)
+  assert survivors.sum() == 300 - removed_count
+  np.testing.assert_array_equal(new_m & survivors, survivors)  # survivors kept
+  np.testing.assert_array_equal(new_w[survivors], weights[survivors])
+  grown = new_m & ~survivors
+  assert grown.sum() == removed_count
+  assert np.all(new_w[grown] == 0.0)  # new weights start at 0
+  assert np.all(new_w[~new_m] == 0.0)
+
+
+def test_gradient_growth_picks_largest_inactive_gradients():
+  rng = np.random.default_rng(1)
+  weights = rng.normal(size=(10, 30)).astype(np.float32)
+  mask = rng.random((10, 30)) < 0.5
+  weights = np.where(mask, weights, 0)
+  grads = rng.normal(size=(10, 30)).astype(np.float32)
+  params, masks = {'w': jnp.asarray(weights)}, {'w': jnp.asarray(mask)}
+  _, new_masks = sparsity.update_topology(params, masks, jax.random.key(0), 0.25,
+                                          growth='gradient', scores={'w': jnp.asarray(grads)})
+  k = math.ceil(0.25 * mask.sum())
+  order = np.argsort(np.abs(weights[mask]), kind='stable')
+  survivors = mask.copy()
+  survivors[tuple(np.argwhere(mask)[order[:k]].T)] = False
+  inactive = ~survivors
+  top = np.argsort(-np.where(inactive, np.abs(grads), -1).ravel(), kind='stable')[:k]
+  expected = survivors.ravel().copy()
+  expected[top] = True
+  np.testing.assert_array_equal(np.asarray(new_masks['w']).ravel(), expected)
+
+
+def test_counts_stay_exact_over_many_updates(lstm_params):
+  masks = sparsity.init_masks(jax.random.key(1), lstm_params, 0.33)
+  params = sparsity.apply_masks(lstm_params, masks)
+  expected = _counts(masks)
+  update = jax.jit(lambda p, m, k, d: sparsity.update_topology(p, m, k, d))
+  perturb = jax.jit(lambda p, k: jax.tree.map(
+      lambda x: x + 0.01 * jax.random.normal(k, x.shape), p))
+  schedule = sparsity.death_rate_schedule(0.8, 30)
+  for step in range(30):
+    params = sparsity.apply_masks(perturb(params, jax.random.key(100 + step)), masks)
+    params, masks = update(params, masks, jax.random.key(step), schedule(step))
+    assert _counts(masks) == expected
+    for leaf, mask in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+      if mask is not None:
+        assert not np.any(np.asarray(leaf)[~np.asarray(mask)])
+
+
+def test_gate_densities_drift_apart_while_totals_stay_fixed():
+  hidden = 64
+  rng = np.random.default_rng(0)
+  # Gate blocks with very different weight scales: magnitude removal takes
+  # from the small-weight gates, random regrowth spreads evenly.
+  scales = np.repeat([0.01, 1.0, 0.1, 1.0], hidden)
+  kernel = (rng.normal(size=(hidden, 4 * hidden)) * scales).astype(np.float32)
+  params = {'lstm_0': {'recurrent_kernel': jnp.asarray(kernel)}}
+  masks = sparsity.init_masks(jax.random.key(0), params, 0.3)
+  params = sparsity.apply_masks(params, masks)
+  total = _counts(masks)["['lstm_0']['recurrent_kernel']"]
+  before = sparsity.gate_densities(masks)["['lstm_0']['recurrent_kernel']"]
+  assert max(before.values()) - min(before.values()) < 0.05
+  update = jax.jit(lambda p, m, k: sparsity.update_topology(p, m, k, 0.5))
+  for step in range(8):
+    # Regrown weights take the scale of their gate, as training would give them.
+    fresh = jax.tree.map(lambda m: jnp.asarray(
+        rng.normal(size=m.shape).astype(np.float32) * scales), masks)
+    params = jax.tree.map(lambda p, m, f: jnp.where(m & (p == 0), f, p), params, masks, fresh)
+    params, masks = update(params, masks, jax.random.key(step))
+    assert _counts(masks)["['lstm_0']['recurrent_kernel']"] == total
+  after = sparsity.gate_densities(masks)["['lstm_0']['recurrent_kernel']"]
+  assert after['f'] > before['f'] + 0.05 and after['o'] > before['o'] + 0.05
+  assert after['i'] < before['i'] - 0.1
+  assert sum(after.values()) * hidden * hidden == pytest.approx(total)
+
+
+def test_topology_distance():
+  a = {'w': jnp.array([True, True, False, False]), 'b': None}
+  b = {'w': jnp.array([True, False, True, False]), 'b': None}
+  assert sparsity.topology_distance(a, a) == {"['w']": 0.0}
+  assert sparsity.topology_distance(a, b) == {"['w']": 0.5}
+  c = {'w': jnp.array([False, False, True, True]), 'b': None}
+  assert sparsity.topology_distance(a, c) == {"['w']": 1.0}
