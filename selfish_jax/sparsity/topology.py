@@ -64,10 +64,10 @@ def removal_mask(weights: jax.Array, mask: jax.Array, count: jax.Array,
     half = (count + 1) // 2
     from_positive = select.select_smallest(keys, positive, half)
     negative = mask & (weights < 0)
-    rest = count - jnp.sum(from_positive, dtype=jnp.int32)
+    rest = count - select.count_true(from_positive)
     from_negative = select.select_smallest(keys, negative, rest)
     chosen = from_positive | from_negative
-    shortfall = count - jnp.sum(chosen, dtype=jnp.int32)
+    shortfall = count - select.count_true(chosen)
     return chosen | select.select_smallest(keys, mask & ~chosen, shortfall)
   raise ConfigError(f'unknown removal mode {mode!r}; expected one of {REMOVAL_MODES}')
 
@@ -88,7 +88,7 @@ def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate:
   Regrowth chooses among all positions inactive after removal (the just-removed
   ones included, as in the reference and RigL); grown weights start at 0.
   """
-  active = jnp.sum(mask, dtype=jnp.int32)
+  active = select.count_true(mask)
   count = num_to_remove(active, death_rate)
   survivors = mask & ~removal_mask(weights, mask, count, removal)
   grown = growth_mask(~survivors, count, key, scores)

@@ -1,0 +1,120 @@
+r"""Speed of one configuration: train step, evaluation and topology update.
+
+  python -m benchmarks.step --config=experiments/configs/ptb_lstm_small.py [--config.KEY=VALUE]
+
+Prints one JSON object: compile time, train-step time percentiles and tokens/s
+(after warm-up, >= 50 timed steps), evaluation tokens/s, one topology update's
+time, and the achieved GFLOP/s of the train step (XLA's FLOP count of the
+compiled step). Inputs are random tokens of the dataset's vocabulary size, so no
+data is needed; seeds are fixed.
+"""
+
+import json
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from selfish_jax import config as config_lib
+from selfish_jax.data.corpus import KNOWN_CORPORA
+from selfish_jax.training import steps, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+_STEPS = flags.DEFINE_integer('steps', 60, 'Timed train steps (after warm-up).')
+_WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed train steps after compilation.')
+_TOPOLOGY_REPEATS = flags.DEFINE_integer('topology_repeats', 3, 'Timed topology updates.')
+flags.mark_flags_as_required(['config'])
+
+
+def _block(tree):
+  jax.block_until_ready(tree)
+  return tree
+
+
+def _flops(compiled) -> float | None:
+  try:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0]
+    return float(analysis['flops'])
+  except Exception:  # cost analysis is backend dependent
+    return None
+
+
+def benchmark(config) -> dict:
+  config_lib.validate(config)
+  vocab = KNOWN_CORPORA[config.dataset].vocab_size
+  rng = np.random.default_rng(0)
+  shape = (config.batch_size, config.bptt)
+  window = steps.Windows(jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
+                         jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
+                         jnp.ones(shape, jnp.float32))
+  model = train.build_model(config, vocab)
+  tx = train.build_optimizer(config)
+  state = train.create_train_state(config, model, tx, jax.random.key(config.seed))
+
+  start = time.perf_counter()
+  compiled = jax.jit(steps.make_train_step(model, tx, jax.random.key(1)),
+                     donate_argnums=0).lower(state, window).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(_WARMUP.value):
+    state, loss = compiled(state, window)
+  _block(loss)
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    state, loss = compiled(state, window)
+    _block(loss)
+    times.append(time.perf_counter() - start)
+  step_ms = np.array(times) * 1000
+  tokens = config.batch_size * config.bptt
+
+  eval_windows = steps.Windows(*(jnp.stack([x] * 10) for x in (
+      window.inputs[:config.eval_batch_size], window.targets[:config.eval_batch_size],
+      window.weights[:config.eval_batch_size])))
+  evaluate = jax.jit(steps.make_evaluate(model, eval_windows.inputs.shape[1]))
+  _block(evaluate(state.params, eval_windows))
+  start = time.perf_counter()
+  _block(evaluate(state.params, eval_windows))
+  eval_tokens_per_s = eval_windows.weights.size / (time.perf_counter() - start)
+
+  topology_s = None
+  if train.is_sparse_method(config):  # magnitude removal + random regrowth, as in training
+    update = jax.jit(steps.make_topology_update('random'), donate_argnums=(0, 1))
+    params, masks = _block(update(state.params, state.masks, jax.random.key(2), 0.5))
+    durations = []
+    for i in range(_TOPOLOGY_REPEATS.value):
+      start = time.perf_counter()
+      params, masks = _block(update(params, masks, jax.random.key(3 + i), config.death_rate))
+      durations.append(time.perf_counter() - start)
+    topology_s = float(np.median(durations))
+
+  flops = _flops(compiled)
+  p50 = float(np.percentile(step_ms, 50))
+  return {
+      'config': {k: config[k] for k in ('dataset', 'emsize', 'nhid', 'nlayers', 'batch_size',
+                                        'bptt', 'method', 'density', 'compute_dtype')},
+      'device': str(jax.devices()[0]),
+      'tokens_per_s': tokens / (p50 / 1000),
+      'step_ms_p10': float(np.percentile(step_ms, 10)),
+      'step_ms_p50': p50,
+      'step_ms_p90': float(np.percentile(step_ms, 90)),
+      'compile_s': compile_s,
+      'eval_tokens_per_s': eval_tokens_per_s,
+      'topology_update_s': topology_s,
+      'step_gflop': None if flops is None else flops / 1e9,
+      'gflops_per_s': None if flops is None else flops / 1e9 / (p50 / 1000),
+      'timed_steps': _STEPS.value,
+  }
+
+
+def main(argv):
+  del argv
+  print(json.dumps(benchmark(_CONFIG.value), indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
