@@ -51,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.death_rate = 0.8
   c.death_rate_final = 0.005
   c.growth = 'random'
+  # Devices: data parallelism over a 1-D mesh.
+  c.num_devices = 0  # 0 = all devices; the batch sizes must be divisible by it
   # Logging and checkpoints.
   c.log_every = 200
   c.checkpoint_every_steps = 0  # 0 = at the end of each epoch only
@@ -87,7 +89,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
               'num_epochs', 'log_every'):
     _check_positive_int(config, key)
-  for key in ('nonmono', 'max_steps_per_epoch', 'checkpoint_every_steps'):
+  for key in ('nonmono', 'max_steps_per_epoch', 'checkpoint_every_steps', 'num_devices'):
     _check_positive_int(config, key, minimum=0)
   if config.lr <= 0:
     raise ConfigError(f'lr must be > 0, got {config.lr!r}')

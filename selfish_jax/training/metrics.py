@@ -41,13 +41,19 @@ class MetricWriter:
   consistent run.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
-    os.makedirs(workdir, exist_ok=True)
+  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+    """``enabled=False`` (processes other than 0 of a multi-host run) writes nothing."""
+    self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard')) if (
-        tensorboard and SummaryWriter is not None) else None
+    self._tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard and SummaryWriter is not None:
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
+    if not self.enabled:
+      return
     kept = [r for r in read_records(self.path) if r.get('step', 0) <= step]
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
@@ -56,6 +62,8 @@ class MetricWriter:
     os.replace(tmp, self.path)
 
   def write(self, record: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
              for k, v in record.items()}
     with open(self.path, 'a') as f:

@@ -24,7 +24,7 @@ from selfish_jax import config as config_lib
 from selfish_jax import optim, sparsity
 from selfish_jax.data import batchify, load_corpus
 from selfish_jax.models.lstm import StackedLSTMLM
-from selfish_jax.training import steps
+from selfish_jax.training import parallel, steps
 from selfish_jax.training.checkpoint import Checkpoints
 from selfish_jax.training.metrics import MetricWriter
 
@@ -103,17 +103,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   tokens_per_step = config.batch_size * config.bptt
+  mesh = parallel.make_mesh(config.num_devices)
+  parallel.check_batch_divisible(mesh, batch_size=config.batch_size,
+                                 eval_batch_size=config.eval_batch_size)
+  replicated = parallel.replicated(mesh)
+  batch_sharded = parallel.batch_sharding(mesh)
+  valid_windows = parallel.put(valid_windows, parallel.batch_sharding(mesh, batch_axis=1))
+  test_windows = parallel.put(test_windows, parallel.batch_sharding(mesh, batch_axis=1))
 
   model = build_model(config, corpus.vocab_size)
   tx = build_optimizer(config)
   root = jax.random.key(config.seed)
   init_key, dropout_key, topology_key, gradient_key = jax.random.split(root, 4)
   state = create_train_state(config, model, tx, init_key)
+  # Everything replicated but the carry, which is split over the batch like the data.
+  state_sharding = jax.tree.map(lambda _: replicated, state).replace(
+      carry=jax.tree.map(lambda _: batch_sharded, state.carry))
+  state = jax.device_put(state, state_sharding)
+  initial_carry = lambda: parallel.put(model.initial_carry(config.batch_size), batch_sharded)
   sparse = is_sparse_method(config)
   death_rate = sparsity.death_rate_schedule(config.death_rate, config.num_epochs * steps_per_epoch,
                                             config.death_rate_final)
 
-  train_step = jax.jit(steps.make_train_step(model, tx, dropout_key), donate_argnums=0)
+  train_step = jax.jit(steps.make_train_step(model, tx, dropout_key), donate_argnums=0,
+                       in_shardings=(state_sharding, batch_sharded),
+                       out_shardings=(state_sharding, replicated))
   evaluate_train_batch = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
   evaluate = lambda params, windows: float(evaluate_train_batch(params, windows))
   # Donating params and masks lets XLA update them in place: on CPU that halves
@@ -123,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_params = jax.jit(optim.averaged_params)
 
   checkpoints = Checkpoints(workdir)
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   host = HostState()
   restored = checkpoints.restore_latest(state)
   if restored is not None:
@@ -145,10 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     epoch = host.epoch
     epoch_start = time.time()
     if host.window == 0:
-      state = state.replace(carry=model.initial_carry(config.batch_size))
+      state = state.replace(carry=initial_carry())
     losses, interval_start, interval_steps = [], time.time(), 0
     for index in range(host.window, steps_per_epoch):
-      state, loss = train_step(state, train_windows[index])
+      state, loss = train_step(state, parallel.put(train_windows[index], batch_sharded))
       losses.append(loss)
       interval_steps += 1
       host.window = index + 1
@@ -186,8 +200,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if sparse and not switched:
       scores = None
       if config.growth == 'gradient':
-        scores = gradient_fn(state.params, model.initial_carry(config.batch_size),
-                             train_windows[0], jax.random.fold_in(gradient_key, epoch))
+        scores = gradient_fn(state.params, initial_carry(),
+                             parallel.put(train_windows[0], batch_sharded),
+                             jax.random.fold_in(gradient_key, epoch))
       params, masks = update_topology(state.params, state.masks,
                                       jax.random.fold_in(topology_key, epoch), rate, scores)
       state = state.replace(params=params, masks=masks)
