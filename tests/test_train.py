@@ -138,3 +138,14 @@ def test_user_errors_are_one_line(shared_data_dir, tmp_path, override, message):
       result.stderr.strip().splitlines()[-1].startswith(f'error: {message}'))
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  tiny_config.max_steps_per_epoch = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.density = 0.5
+  tiny_config.log_every = 1  # harmless on its own
+  from selfish_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r'different config \(density: 0.33 -> 0.5\)'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))

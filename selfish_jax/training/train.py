@@ -10,7 +10,9 @@ After the last epoch the best weights are tested.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from typing import Any
 
@@ -49,6 +51,22 @@ class HostState:
     d = dict(d)
     d['best_val_loss'] = math.inf if d['best_val_loss'] is None else d['best_val_loss']
     return cls(**d)
+
+
+# Keys that may change when a run is resumed: they do not change its results.
+RESUMABLE_CHANGES = frozenset({'data_dir', 'download', 'download_url', 'log_every',
+                               'checkpoint_every_steps', 'num_devices'})
+
+
+def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError if ``config`` differs from a workdir's saved config in a key that matters."""
+  current = config.to_dict()
+  changed = sorted(k for k in set(saved) | set(current)
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+  if changed:
+    details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
+    raise config_lib.ConfigError(f'the workdir holds a run with a different config ({details}); '
+                                 'use a new workdir or the same settings')
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> StackedLSTMLM:
@@ -136,6 +154,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   gradient_fn = jax.jit(steps.make_gradient_fn(model))
   eval_params = jax.jit(optim.averaged_params)
 
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      check_resumable(json.load(f), config)
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(config_path, 'w') as f:
+      json.dump(config.to_dict(), f, indent=1)
   checkpoints = Checkpoints(workdir)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   host = HostState()
