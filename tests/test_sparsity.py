@@ -208,3 +208,21 @@ def test_topology_distance():
   assert sparsity.topology_distance(a, b) == {"['w']": 0.5}
   c = {'w': jnp.array([False, False, True, True]), 'b': None}
   assert sparsity.topology_distance(a, c) == {"['w']": 1.0}
+
+
+@pytest.mark.parametrize('shape', [(97, 89), (120, 50)])  # materialised and lazy key paths
+def test_lazy_selections_match_materialised_keys(shape):
+  rng = np.random.default_rng(0)
+  eligible = jnp.asarray(rng.random(shape) < 0.4)
+  values = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(
+      select.random_subset(key, eligible, 300),
+      select.select_largest(select.random_keys(key, shape), eligible, 300))
+  np.testing.assert_array_equal(
+      select.smallest_magnitudes(values, eligible, 123),
+      select.select_smallest(select.magnitude_keys(values), eligible, 123))
+  np.testing.assert_array_equal(
+      select.largest_magnitudes(values, eligible, 77),
+      select.select_largest(select.magnitude_keys(values), eligible, 77))
+  assert int(select.count_true(eligible)) == int(np.sum(np.asarray(eligible)))

@@ -10,6 +10,9 @@ and refined by secant steps with bisection as the safeguard.
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +42,10 @@ def _fmix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def _hash(positions: jax.Array, seeds: jax.Array) -> jax.Array:
+  return _fmix32(_fmix32(positions ^ seeds[0]) + seeds[1])
+
+
 def random_keys(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Distinct pseudo-random uint32 keys, one per position, derived from ``key``.
 
@@ -47,35 +54,30 @@ def random_keys(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   need tie-breaking. Ranking positions by these keys is a uniformly random
   permutation for the purposes of choosing which weights to grow.
   """
-  seeds = jax.random.bits(key, (2,), jnp.uint32)
-  size = 1
-  for dim in shape:
-    size *= dim
-  position = jax.lax.iota(jnp.uint32, size).reshape(shape)
-  return _fmix32(_fmix32(position ^ seeds[0]) + seeds[1])
+  size = math.prod(shape)
+  return _hash(jax.lax.iota(jnp.uint32, size), jax.random.bits(key, (2,), jnp.uint32)).reshape(shape)
 
 
 _PROBES = 4  # thresholds counted per pass
 _SAMPLE = 1 << 15  # keys sampled to bracket the k-th key before the first pass
 
 
-def _row_length(size: int) -> int:
-  """Largest divisor of ``size`` in [64, 127], or 120 with padding when none."""
+KeyFn = Callable[..., jax.Array]  # key_fn(positions, *inputs) -> uint32 keys, elementwise
+
+
+def _row_length(size: int) -> int | None:
+  """Largest divisor of ``size`` in [64, 127], or None."""
   for length in range(127, 63, -1):
     if size % length == 0:
       return length
-  return 120
-
-
-def _as_rows(flat: jax.Array, fill) -> jax.Array:
-  size = flat.shape[0]
-  length = _row_length(size)
-  return jnp.pad(flat, (0, -size % length), constant_values=fill).reshape(-1, length)
+  return None
 
 
 def count_true(flags: jax.Array) -> jax.Array:
   """``jnp.sum(flags)`` as int32, several times faster on XLA:CPU for large arrays."""
-  rows = _as_rows(flags.ravel(), False).astype(jnp.int8)
+  flat = flags.ravel()
+  length = _row_length(flat.size) or 120
+  rows = jnp.pad(flat, (0, -flat.size % length)).reshape(-1, length).astype(jnp.int8)
   return jnp.sum(jnp.sum(rows, axis=1, dtype=jnp.int8), dtype=jnp.int32)
 
 
@@ -85,27 +87,59 @@ def _counts_at_most(rows: jax.Array, thresholds: jax.Array) -> jax.Array:
   return jnp.sum(jnp.sum(flags, axis=1, dtype=jnp.int8), axis=0, dtype=jnp.int32)
 
 
-def _kth_smallest(keys: jax.Array, k: jax.Array, eligible_count: jax.Array
+class _LazyKeys:
+  """Keys computed on the fly from the inputs inside every pass.
+
+  Materialising a uint32 key per weight costs XLA:CPU more than recomputing it
+  in each counting pass from the inputs it is derived from (a few cheap
+  elementwise ops fused into the reduction), so keys are only materialised
+  when the size has no suitable row length.
+  """
+
+  def __init__(self, key_fn: KeyFn, inputs: tuple[jax.Array, ...]):
+    self.shape = inputs[0].shape
+    self.size = inputs[0].size
+    self._key_fn = key_fn
+    self._inputs = tuple(x.ravel() for x in inputs)
+    self._length = _row_length(self.size)
+    if self._length is None:  # pad materialised keys to whole rows of 120
+      keys = key_fn(jax.lax.iota(jnp.uint32, self.size), *self._inputs)
+      self._padded = jnp.pad(keys, (0, -self.size % 120), constant_values=jnp.uint32(_UINT32_MAX))
+
+  def rows(self) -> jax.Array:
+    if self._length is None:
+      return self._padded.reshape(-1, 120)
+    shape = (self.size // self._length, self._length)
+    positions = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(self._length)
+                 + jax.lax.broadcasted_iota(jnp.uint32, shape, 1))
+    return self._key_fn(positions, *(x.reshape(shape) for x in self._inputs))
+
+  def sample(self, stride: int) -> jax.Array:
+    positions = jnp.arange(0, self.size, stride, dtype=jnp.uint32)
+    return self._key_fn(positions, *(x[::stride] for x in self._inputs))
+
+  def to_shape(self, rows: jax.Array) -> jax.Array:
+    return rows.ravel()[:self.size].reshape(self.shape)
+
+
+def _kth_smallest(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
   """Bracketing search for the least ``t`` with ``count(keys <= t) >= k``.
 
-  ``keys`` is 1-D with ineligible entries at 0xFFFFFFFF. Returns ``(t,
-  exact)``; ``exact`` says ``count(keys <= t) == k``, in which case ``t`` may be
-  any key with that property (the search stops early). Requires
-  ``1 <= k <= eligible_count``.
+  Ineligible entries have key 0xFFFFFFFF. Returns ``(t, exact)``; ``exact``
+  says ``count(keys <= t) == k``, in which case ``t`` may be any key with that
+  property (the search stops early). Requires ``1 <= k <= eligible_count``.
 
   A sorted strided sample brackets the k-th key first; then every pass counts
   at ``_PROBES`` thresholds placed around a secant estimate on the empirical
   CDF (spread by the estimate's expected error), or at the quartiles of the
   bracket after a pass that did not halve it. Typically 5-10 passes.
   """
-  size = keys.shape[0]
-  rows = _as_rows(keys, jnp.uint32(_UINT32_MAX))
 
   def update(state, thresholds):
     lo, hi, below_lo, upto_hi = state
     thresholds = jnp.clip(thresholds, lo, hi - 1)  # stays sorted
-    counts = _counts_at_most(rows, thresholds)
+    counts = _counts_at_most(keys.rows(), thresholds)
     enough = counts >= k
     first = jnp.argmax(enough)  # first threshold with enough keys at or below it
     found = jnp.any(enough)
@@ -118,8 +152,7 @@ def _kth_smallest(keys: jax.Array, k: jax.Array, eligible_count: jax.Array
     return lo, hi, below_lo, upto_hi
 
   # Bracket from a sample: its quantiles around k / eligible_count, +-4 sigma.
-  stride = max(1, size // _SAMPLE)
-  sample = jnp.sort(keys[::stride])
+  sample = jnp.sort(keys.sample(max(1, keys.size // _SAMPLE)))
   sampled = jnp.sum(sample != jnp.uint32(_UINT32_MAX), dtype=jnp.int32)
   q = k.astype(jnp.float32) / eligible_count.astype(jnp.float32)
   sigma = jnp.sqrt(q * (1 - q) / jnp.maximum(sampled, 1).astype(jnp.float32))
@@ -154,38 +187,80 @@ def _kth_smallest(keys: jax.Array, k: jax.Array, eligible_count: jax.Array
   return hi, upto_hi == k
 
 
-def select_smallest(keys: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Array:
-  """Boolean mask of exactly ``min(k, count(eligible))`` eligible entries with smallest keys.
+def smallest_by(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
+                eligible_count: jax.Array | None = None) -> jax.Array:
+  """Exactly ``min(k, eligible)`` entries with the smallest keys, as a boolean mask.
 
-  Ties at the boundary go to the lowest flat index, so the result is
-  deterministic. ``k`` may be a traced integer: nothing recompiles as it
-  changes. (Keys equal to 0xFFFFFFFF rank as 0xFFFFFFFE.)
+  ``key_fn(positions, *inputs)`` maps flat uint32 positions and the inputs'
+  matching entries to uint32 keys, 0xFFFFFFFF marking ineligible entries
+  (eligible keys must be below it). It is applied elementwise inside every
+  counting pass, so it must be cheap. Ties at the boundary go to the lowest
+  flat index. ``k`` may be traced: nothing recompiles as it changes.
+  ``eligible_count``, if known, saves one pass.
   """
-  shape = keys.shape
-  eligible_count = count_true(eligible)
+  keys = _LazyKeys(key_fn, inputs)
+  if eligible_count is None:
+    eligible_count = count_true(keys.rows() != jnp.uint32(_UINT32_MAX))
   k = jnp.minimum(jnp.asarray(k, jnp.int32), eligible_count)
-  # Ineligible entries get the one key that no eligible entry has.
-  keys = jnp.where(eligible, jnp.minimum(keys, jnp.uint32(_UINT32_MAX - 1)),
-                   jnp.uint32(_UINT32_MAX)).ravel()
 
   def choose(k):
     threshold, exact = _kth_smallest(keys, k, eligible_count)
 
     def break_ties(_):
-      below = keys < threshold
-      ties = keys == threshold
-      needed = k - count_true(below)
-      rank = jnp.cumsum(ties, dtype=jnp.int32)
-      return below | (ties & (rank <= needed))
+      rows = keys.rows()
+      ties = rows == threshold
+      needed = k - count_true(rows < threshold)
+      rank = jnp.cumsum(ties.ravel(), dtype=jnp.int32).reshape(ties.shape)
+      return (rows < threshold) | (ties & (rank <= needed))
 
     # The prefix sum is costly on large matrices and only needed when ties
     # straddle the boundary.
-    return jax.lax.cond(exact, lambda _: keys <= threshold, break_ties, None)
+    return jax.lax.cond(exact, lambda _: keys.rows() <= threshold, break_ties, None)
 
-  chosen = jax.lax.cond(k > 0, choose, lambda _: jnp.zeros(keys.shape, bool), k)
-  return chosen.reshape(shape)
+  rows = jax.lax.cond(k > 0, choose, lambda _: jnp.zeros(keys.rows().shape, bool), k)
+  return keys.to_shape(rows)
+
+
+def _eligible_key(eligible, key):
+  return jnp.where(eligible, jnp.minimum(key, jnp.uint32(_UINT32_MAX - 1)),
+                   jnp.uint32(_UINT32_MAX))
+
+
+def select_smallest(keys: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Array:
+  """Boolean mask of exactly ``min(k, count(eligible))`` eligible entries with smallest keys.
+
+  Ties at the boundary go to the lowest flat index, so the result is
+  deterministic. (Keys equal to 0xFFFFFFFF rank as 0xFFFFFFFE.)
+  """
+  return smallest_by(lambda _, key, e: _eligible_key(e, key), (keys, eligible), k)
 
 
 def select_largest(keys: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Array:
   """Like :func:`select_smallest` for the largest keys."""
   return select_smallest(~keys, eligible, k)
+
+
+def smallest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
+                        eligible_count: jax.Array | None = None) -> jax.Array:
+  """The ``k`` eligible entries with the smallest ``|values|`` (keys never materialised)."""
+  return smallest_by(lambda _, v, e: _eligible_key(e, magnitude_keys(v)), (values, eligible), k,
+                     eligible_count)
+
+
+def largest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
+                       eligible_count: jax.Array | None = None) -> jax.Array:
+  """The ``k`` eligible entries with the largest ``|values|``."""
+  return smallest_by(lambda _, v, e: _eligible_key(e, ~magnitude_keys(v)), (values, eligible), k,
+                     eligible_count)
+
+
+def random_subset(key: jax.Array, eligible: jax.Array, k: jax.Array,
+                  eligible_count: jax.Array | None = None) -> jax.Array:
+  """``k`` eligible positions drawn uniformly without replacement.
+
+  Ranks positions by :func:`random_keys` (recomputed in every pass, never
+  stored): the same choice as ``select_largest(random_keys(key, shape), ...)``.
+  """
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  return smallest_by(lambda pos, e: _eligible_key(e, ~_hash(pos, seeds)), (eligible,), k,
+                     eligible_count)

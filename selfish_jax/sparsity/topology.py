@@ -49,7 +49,7 @@ def num_to_remove(active: jax.Array, death_rate: jax.Array) -> jax.Array:
 
 
 def removal_mask(weights: jax.Array, mask: jax.Array, count: jax.Array,
-                 mode: str = 'magnitude') -> jax.Array:
+                 mode: str = 'magnitude', active: jax.Array | None = None) -> jax.Array:
   """Positions to remove: ``count`` active weights chosen by ``mode``.
 
   ``magnitude``: the smallest ``|w|``. ``set`` (SET): half (rounded up) among
@@ -57,7 +57,7 @@ def removal_mask(weights: jax.Array, mask: jax.Array, count: jax.Array,
   to zero (falling back to magnitude where one sign runs short).
   """
   if mode == 'magnitude':
-    return select.select_smallest(select.magnitude_keys(weights), mask, count)
+    return select.smallest_magnitudes(weights, mask, count, active)
   if mode == 'set':
     keys = select.magnitude_keys(weights)
     positive = mask & (weights > 0)
@@ -73,11 +73,12 @@ def removal_mask(weights: jax.Array, mask: jax.Array, count: jax.Array,
 
 
 def growth_mask(eligible: jax.Array, count: jax.Array, key: jax.Array,
-                scores: jax.Array | None = None) -> jax.Array:
+                scores: jax.Array | None = None, eligible_count: jax.Array | None = None
+                ) -> jax.Array:
   """``count`` eligible positions: uniformly at random, or the largest ``|scores|``."""
   if scores is None:
-    return select.select_largest(select.random_keys(key, eligible.shape), eligible, count)
-  return select.select_largest(select.magnitude_keys(scores), eligible, count)
+    return select.random_subset(key, eligible, count, eligible_count)
+  return select.largest_magnitudes(scores, eligible, count, eligible_count)
 
 
 def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate: jax.Array,
@@ -90,8 +91,8 @@ def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate:
   """
   active = select.count_true(mask)
   count = num_to_remove(active, death_rate)
-  survivors = mask & ~removal_mask(weights, mask, count, removal)
-  grown = growth_mask(~survivors, count, key, scores)
+  survivors = mask & ~removal_mask(weights, mask, count, removal, active)
+  grown = growth_mask(~survivors, count, key, scores, mask.size - active + count)
   return jnp.where(survivors, weights, jnp.zeros_like(weights)), survivors | grown
 
 
