@@ -9,6 +9,7 @@ compiled step). Inputs are random tokens of the dataset's vocabulary size, so no
 data is needed; seeds are fixed.
 """
 
+import functools
 import json
 import time
 
@@ -19,6 +20,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from selfish_jax import config as config_lib
+from selfish_jax import sparsity
 from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.training import steps, train
 
@@ -54,7 +56,9 @@ def benchmark(config) -> dict:
                          jnp.ones(shape, jnp.float32))
   model = train.build_model(config, vocab)
   tx = train.build_optimizer(config)
-  state = train.create_train_state(config, model, tx, jax.random.key(config.seed))
+  # Timed like Selfish-RNN's update whatever the configured method.
+  method = train.build_method(config, steps_per_epoch=1000)
+  state = train.create_train_state(config, model, tx, method, jax.random.key(config.seed))
 
   start = time.perf_counter()
   compiled = jax.jit(steps.make_train_step(model, tx, jax.random.key(1)),
@@ -82,8 +86,9 @@ def benchmark(config) -> dict:
   eval_tokens_per_s = eval_windows.weights.size / (time.perf_counter() - start)
 
   topology_s = None
-  if train.is_sparse_method(config):  # magnitude removal + random regrowth, as in training
-    update = jax.jit(steps.make_topology_update('random'), donate_argnums=(0, 1))
+  if method.sparse:  # magnitude removal + random regrowth (Selfish-RNN) at the config's density
+    update = jax.jit(functools.partial(sparsity.update_topology, growth='random'),
+                     donate_argnums=(0, 1))
     params, masks = _block(update(state.params, state.masks, jax.random.key(2), 0.5))
     durations = []
     for i in range(_TOPOLOGY_REPEATS.value):

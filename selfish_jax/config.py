@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from selfish_jax import optim
 from selfish_jax.errors import ConfigError
+from selfish_jax.sparsity import methods
 
-METHODS = ('selfish', 'dense')
+METHODS = methods.METHODS
+OPTIMIZERS = optim.OPTIMIZERS
 DATASETS = ('ptb', 'wikitext2')
 SPARSE_INITS = ('uniform', 'er')
-GROWTH_MODES = ('random', 'gradient')
+GROWTH_MODES = ('random', 'gradient', 'momentum')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -42,6 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.clip = 0.25
   c.weight_decay = 1.2e-6
   c.nonmono = 5
+  c.optimizer = 'snt_asgd'  # snt_asgd (SGD, then averaging on the trigger) | sgd | momentum | adam
+  c.momentum = 0.9  # for optimizer=momentum (and adam's b1)
   c.num_epochs = 15
   c.max_steps_per_epoch = 0  # 0 = the whole training split each epoch
   # Sparsity (Selfish-RNN).
@@ -50,7 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.sparse_init = 'uniform'
   c.death_rate = 0.8
   c.death_rate_final = 0.005
-  c.growth = 'random'
+  c.growth = 'random'  # selfish only: random | gradient (RigL-style) | momentum (SNFS-style)
+  c.update_every = 100  # rigl, gmp: topology steps between updates (the others: every epoch)
+  c.update_end_fraction = 0.75  # rigl, gmp: no updates after this fraction of training
   # Devices: data parallelism over a 1-D mesh.
   c.num_devices = 0  # 0 = all devices; the batch sizes must be divisible by it
   # Logging and checkpoints.
@@ -79,6 +86,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, 'method', METHODS)
   _check_choice(config, 'sparse_init', SPARSE_INITS)
   _check_choice(config, 'growth', GROWTH_MODES)
+  _check_choice(config, 'optimizer', OPTIMIZERS)
+  uses_momentum = config.method == 'snfs' or (config.method == 'selfish' and
+                                               config.growth == 'momentum')
+  if uses_momentum and config.optimizer not in ('momentum', 'adam'):
+    raise ConfigError(f'method {config.method!r} with growth from momentum needs '
+                      f"optimizer 'momentum' or 'adam', not {config.optimizer!r}")
   _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
   if not (isinstance(config.density, (int, float)) and 0.0 < config.density <= 1.0):
     raise ConfigError(f'density must be in (0, 1], got {config.density!r}')
@@ -86,8 +99,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f'death_rate must be in [0, 1], got {config.death_rate!r}')
   if not 0.0 <= config.dropout < 1.0:
     raise ConfigError(f'dropout must be in [0, 1), got {config.dropout!r}')
+  if not 0.0 < config.update_end_fraction <= 1.0:
+    raise ConfigError(f'update_end_fraction must be in (0, 1], got {config.update_end_fraction!r}')
   for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
-              'num_epochs', 'log_every'):
+              'num_epochs', 'log_every', 'update_every'):
     _check_positive_int(config, key)
   for key in ('nonmono', 'max_steps_per_epoch', 'checkpoint_every_steps', 'num_devices'):
     _check_positive_int(config, key, minimum=0)

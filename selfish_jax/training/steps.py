@@ -12,7 +12,6 @@ import numpy as np
 import optax
 
 from selfish_jax.data import batching
-from selfish_jax.sparsity import topology
 
 PyTree = Any
 
@@ -26,12 +25,14 @@ class TrainState(flax.struct.PyTreeNode):
     masks: boolean masks beside ``params`` (``None`` for dense leaves).
     opt_state: optimizer state (SNT-ASGD averages and counters included).
     carry: the LSTM state carried from one BPTT window to the next.
+    method_state: what the sparse method carries between updates (DSR's threshold).
   """
   step: jax.Array
   params: PyTree
   masks: PyTree
   opt_state: optax.OptState
   carry: PyTree
+  method_state: PyTree
 
 
 class Windows(flax.struct.PyTreeNode):
@@ -130,11 +131,3 @@ def make_evaluate(model: nn.Module, batch_size: int) -> Callable[[PyTree, Window
   return evaluate
 
 
-def make_topology_update(growth: str, removal: str = 'magnitude'):
-  """``update(params, masks, key, death_rate, scores) -> (params, masks)``."""
-
-  def update(params, masks, key, death_rate, scores=None):
-    return topology.update_topology(params, masks, key, death_rate, growth=growth,
-                                    scores=scores, removal=removal)
-
-  return update

@@ -26,6 +26,7 @@ from selfish_jax import config as config_lib
 from selfish_jax import optim, sparsity
 from selfish_jax.data import batchify, load_corpus
 from selfish_jax.models.lstm import StackedLSTMLM
+from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps
 from selfish_jax.training.checkpoint import Checkpoints
 from selfish_jax.training.metrics import MetricWriter
@@ -76,29 +77,32 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> StackedLS
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  return optim.snt_asgd(config.lr, weight_decay=config.weight_decay,
-                        clip_norm=config.clip if config.clip > 0 else None)
+  return optim.make_optimizer(config.optimizer, config.lr, weight_decay=config.weight_decay,
+                              clip_norm=config.clip if config.clip > 0 else None,
+                              momentum=config.momentum)
 
 
-def is_sparse_method(config: ml_collections.ConfigDict) -> bool:
-  return config.method != 'dense'
+def build_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> methods.Method:
+  return methods.make_method(
+      config.method, density=config.density, sparse_init=config.sparse_init,
+      death_rate=config.death_rate, death_rate_final=config.death_rate_final,
+      total_steps=config.num_epochs * steps_per_epoch, growth=config.growth,
+      every_steps=config.update_every, end_fraction=config.update_end_fraction)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: StackedLSTMLM,
-                       tx: optax.GradientTransformation, key: jax.Array) -> steps.TrainState:
+                       tx: optax.GradientTransformation, method: methods.Method,
+                       key: jax.Array) -> steps.TrainState:
   """Initial parameters, masks (exact counts) and optimizer state."""
   params_key, mask_key = jax.random.split(key)
   carry = model.initial_carry(config.batch_size)
   params = jax.jit(lambda k: model.init(
       k, jnp.zeros((1, 1), jnp.int32), model.initial_carry(1), train=False)['params'])(params_key)
-  if is_sparse_method(config):
-    masks = jax.jit(lambda k, p: sparsity.init_masks(k, p, config.density, config.sparse_init))(
-        mask_key, params)
-    params = sparsity.apply_masks(params, masks)
-  else:
-    masks = sparsity.dense_masks(params)
+  masks = jax.jit(method.init_masks)(mask_key, params)
+  params = sparsity.apply_masks(params, masks)
   return steps.TrainState(step=jnp.int32(0), params=params, masks=masks,
-                          opt_state=tx.init(params), carry=carry)
+                          opt_state=tx.init(params), carry=carry,
+                          method_state=method.initial_state)
 
 
 def _perplexity(loss: float) -> float:
@@ -133,13 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = build_optimizer(config)
   root = jax.random.key(config.seed)
   init_key, dropout_key, topology_key, gradient_key = jax.random.split(root, 4)
-  state = create_train_state(config, model, tx, init_key)
+  method = build_method(config, steps_per_epoch)
+  state = create_train_state(config, model, tx, method, init_key)
   # Everything replicated but the carry, which is split over the batch like the data.
   state_sharding = jax.tree.map(lambda _: replicated, state).replace(
       carry=jax.tree.map(lambda _: batch_sharded, state.carry))
   state = jax.device_put(state, state_sharding)
   initial_carry = lambda: parallel.put(model.initial_carry(config.batch_size), batch_sharded)
-  sparse = is_sparse_method(config)
   death_rate = sparsity.death_rate_schedule(config.death_rate, config.num_epochs * steps_per_epoch,
                                             config.death_rate_final)
 
@@ -150,8 +154,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluate = lambda params, windows: float(evaluate_train_batch(params, windows))
   # Donating params and masks lets XLA update them in place: on CPU that halves
   # the time of a topology update of the large model.
-  update_topology = jax.jit(steps.make_topology_update(config.growth), donate_argnums=(0, 1))
+  update_topology = jax.jit(method.update, donate_argnums=(0, 1)) if method.update else None
   gradient_fn = jax.jit(steps.make_gradient_fn(model))
+  momentum_of = jax.jit(optim.momentum_of)
+
+  def change_topology(state, key, window):
+    """The method's topology update, with the scores it grows by."""
+    scores = None
+    if method.scores == 'gradient':
+      scores = gradient_fn(state.params, initial_carry(), window, jax.random.fold_in(gradient_key,
+                                                                                     state.step))
+    elif method.scores == 'momentum':
+      scores = momentum_of(state.opt_state)
+    params, masks, method_state = update_topology(state.params, state.masks, state.method_state,
+                                                  key, state.step, scores)
+    return state.replace(params=params, masks=masks, method_state=method_state)
   eval_params = jax.jit(optim.averaged_params)
 
   config_path = os.path.join(workdir, 'config.json')
@@ -188,7 +205,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = state.replace(carry=initial_carry())
     losses, interval_start, interval_steps = [], time.time(), 0
     for index in range(host.window, steps_per_epoch):
-      state, loss = train_step(state, parallel.put(train_windows[index], batch_sharded))
+      window = parallel.put(train_windows[index], batch_sharded)
+      state, loss = train_step(state, window)
+      step = (epoch - 1) * steps_per_epoch + index + 1  # on the host: no device sync
+      if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
+        state = change_topology(state, jax.random.fold_in(topology_key, state.step), window)
       losses.append(loss)
       interval_steps += 1
       host.window = index + 1
@@ -216,22 +237,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       host.best_val_loss = val_loss
       checkpoints.save_best(epoch, weights)
     switched = False
-    if not averaging:
+    if not averaging and config.optimizer == 'snt_asgd':
       if optim.nonmonotone_trigger(host.val_losses, val_loss, config.nonmono):
         state = state.replace(opt_state=optim.start_averaging(state.opt_state))
         switched = True
         logging.info('Switching to SNT-ASGD (averaging) after epoch %d.', epoch)
+    if not averaging:
       host.val_losses.append(val_loss)
     rate = float(death_rate(state.step))
-    if sparse and not switched:
-      scores = None
-      if config.growth == 'gradient':
-        scores = gradient_fn(state.params, initial_carry(),
-                             parallel.put(train_windows[0], batch_sharded),
-                             jax.random.fold_in(gradient_key, epoch))
-      params, masks = update_topology(state.params, state.masks,
-                                      jax.random.fold_in(topology_key, epoch), rate, scores)
-      state = state.replace(params=params, masks=masks)
+    if method.updates_at(epoch * steps_per_epoch, epoch_end=True) and not switched:
+      state = change_topology(state, jax.random.fold_in(topology_key, epoch),
+                              parallel.put(train_windows[0], batch_sharded))
     summary = sparsity.summarize(state.masks)
     record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
               'val_ppl': _perplexity(val_loss), 'density': summary['density'],

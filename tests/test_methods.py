@@ -1,0 +1,157 @@
+"""Each sparse-training method's defining behaviour and its parameter count."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfish_jax import sparsity
+from selfish_jax.errors import ConfigError
+from selfish_jax.sparsity import methods
+
+RNG = np.random.default_rng(0)
+
+
+def _problem(density=0.4):
+  shapes = {'a': (30, 40), 'b': (20, 64), 'bias': (64,)}
+  params = {k: jnp.asarray(RNG.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
+  masks = sparsity.init_masks(jax.random.key(0), params, density)
+  return sparsity.apply_masks(params, masks), masks
+
+
+def _count(m):
+  return int(np.sum(np.asarray(m)))
+
+
+def _make(name, **kwargs):
+  kwargs = {'density': 0.4, 'death_rate': 0.5, 'total_steps': 1000, 'every_steps': 10, **kwargs}
+  return methods.make_method(name, **kwargs)
+
+
+@pytest.mark.parametrize('name', ['selfish', 'set', 'rigl'])
+def test_per_matrix_methods_keep_every_count(name):
+  params, masks = _problem()
+  method = _make(name)
+  before = {k: _count(masks[k]) for k in ('a', 'b')}
+  scores = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape).astype(np.float32)), params)
+  update = jax.jit(method.update)
+  for step in (10, 20, 30):
+    params, masks, _ = update(params, masks, method.initial_state, jax.random.key(step), step,
+                              scores if method.scores else None)
+    assert {k: _count(masks[k]) for k in ('a', 'b')} == before
+    assert masks['bias'] is None
+
+
+def test_rigl_grows_the_inactive_entries_with_largest_gradient():
+  params, masks = _problem()
+  method = _make('rigl')
+  grads = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape).astype(np.float32)), params)
+  new_params, new_masks, _ = method.update(params, masks, {}, jax.random.key(1), 0, grads)
+  w, m, g = (np.asarray(x['a']) for x in (params, masks, grads))
+  k = math.ceil(0.5 * m.sum())  # drop fraction at step 0 is death_rate
+  survivors = m.copy()
+  order = np.argsort(np.abs(w[m]), kind='stable')[:k]
+  survivors[tuple(np.argwhere(m)[order].T)] = False
+  candidates = np.where(~survivors, np.abs(g), -1).ravel()
+  grown = np.zeros(m.size, bool)
+  grown[np.argsort(-candidates, kind='stable')[:k]] = True
+  np.testing.assert_array_equal(np.asarray(new_masks['a']).ravel(), survivors.ravel() | grown)
+  assert np.all(np.asarray(new_params['a'])[grown.reshape(m.shape)] == 0)
+
+
+def test_rigl_updates_every_delta_t_until_the_end_with_cosine_drop_fraction():
+  method = _make('rigl', total_steps=1000, every_steps=100, end_fraction=0.75)
+  assert [s for s in range(0, 1001) if method.updates_at(s, epoch_end=False)] == [
+      100, 200, 300, 400, 500, 600, 700]
+  assert not method.updates_at(100, epoch_end=True)
+  assert _make('selfish').updates_at(123, epoch_end=True)
+  assert not _make('selfish').updates_at(100, epoch_end=False)
+  assert not _make('static').updates_at(100, epoch_end=True)
+
+
+def test_set_removes_half_positive_half_negative_near_zero():
+  w = jnp.array([[0.1, 0.2, 0.3, 0.9, -0.05, -0.5, -0.01, -0.9]])
+  m = jnp.ones_like(w, dtype=bool)
+  removed = sparsity.topology.removal_mask(w, m, jnp.int32(4), 'set')
+  np.testing.assert_array_equal(removed[0], [True, True, False, False, True, False, True, False])
+
+
+def test_snfs_splits_the_regrowth_budget_by_mean_momentum():
+  params, masks = _problem()
+  # Matrix 'a' has 3x the momentum of 'b' on its active weights.
+  momentum = {'a': jnp.full((30, 40), 3.0), 'b': jnp.full((20, 64), 1.0), 'bias': jnp.zeros(64)}
+  momentum = jax.tree.map(lambda x: x * jnp.asarray(RNG.uniform(0.9, 1.1, x.shape), jnp.float32),
+                          momentum)
+  method = _make('snfs')
+  active = {k: _count(masks[k]) for k in ('a', 'b')}
+  _, new_masks, _ = method.update(params, masks, {}, jax.random.key(0), 0, momentum)
+  removed = {k: math.ceil(0.5 * active[k]) for k in active}
+  total = sum(removed.values())
+  new = {k: _count(new_masks[k]) for k in ('a', 'b')}
+  assert sum(new.values()) == sum(active.values())  # total count is exact
+  grown = {k: new[k] - (active[k] - removed[k]) for k in active}
+  mean_a = float(jnp.mean(momentum['a'][masks['a']]))
+  mean_b = float(jnp.mean(momentum['b'][masks['b']]))
+  assert grown['a'] == pytest.approx(total * mean_a / (mean_a + mean_b), abs=1)
+  # Within a matrix, growth goes to the largest momentum among inactive positions.
+  survivors_a = np.asarray(new_masks['a']) & np.asarray(masks['a'])
+  grown_a = np.asarray(new_masks['a']) & ~survivors_a
+  inactive = ~survivors_a
+  assert np.min(np.asarray(momentum['a'])[grown_a]) >= np.max(
+      np.asarray(momentum['a'])[inactive & ~grown_a])
+
+
+def test_dsr_threshold_moves_toward_the_target_and_total_is_exact():
+  params, masks = _problem()
+  method = _make('dsr', dsr_initial_threshold=1e-4)
+  total = sum(_count(masks[k]) for k in ('a', 'b'))
+  state = method.initial_state
+  thresholds = [float(state['threshold'])]
+  for step in range(12):
+    params, masks, state = method.update(params, masks, state, jax.random.key(step), 0)
+    thresholds.append(float(state['threshold']))
+    assert sum(_count(masks[k]) for k in ('a', 'b')) == total
+  # Far too few removals at 1e-4: the threshold doubles until the removals near the target.
+  assert thresholds[1] == 2 * thresholds[0]
+  assert thresholds[-1] > 100 * thresholds[0]
+  # Regrown weights start at zero, so the threshold eventually removes about the target.
+  params2, masks2, state2 = method.update(params, masks, state, jax.random.key(99), 0)
+  del params2, masks2
+  assert float(state2['threshold']) in (thresholds[-1], 2 * thresholds[-1], thresholds[-1] / 2)
+
+
+def test_allocate_is_exact_proportional_and_capped():
+  shares = methods.allocate(jnp.int32(100), jnp.array([1.0, 1.0, 2.0]), jnp.array([10, 100, 100]))
+  assert list(np.asarray(shares)) == [10, 30, 60]
+  shares = methods.allocate(jnp.int32(7), jnp.array([1.0, 1.0, 1.0]), jnp.array([5, 5, 5]))
+  assert int(jnp.sum(shares)) == 7 and max(np.asarray(shares)) - min(np.asarray(shares)) <= 1
+
+
+def test_gmp_follows_the_cubic_schedule_exactly():
+  params, _ = _problem()
+  method = _make('gmp', density=0.2, total_steps=1000, every_steps=100, end_fraction=0.5)
+  masks = method.init_masks(jax.random.key(0), params)
+  assert _count(masks['a']) == 1200  # dense start
+  for step in range(100, 1001, 100):
+    if method.updates_at(step, epoch_end=False):
+      params, masks, _ = method.update(params, masks, {}, None, step)
+    expected = 0.2 + 0.8 * (1 - min(step / 500, 1.0)) ** 3
+    assert _count(masks['a']) == round(expected * 1200), step
+  assert _count(masks['a']) == 240
+  assert float(methods.gmp_density(250, 0.2, 0, 500)) == pytest.approx(0.2 + 0.8 * 0.125)
+
+
+def test_static_and_dense():
+  params, _ = _problem()
+  assert _make('static').update is None
+  dense = _make('dense')
+  assert not dense.sparse
+  assert all(m is None for m in jax.tree.leaves(dense.init_masks(jax.random.key(0), params),
+                                               is_leaf=lambda x: x is None))
+
+
+def test_unknown_method_is_rejected():
+  with pytest.raises(ConfigError, match="unknown method 'magic'"):
+    _make('magic')
