@@ -155,3 +155,29 @@ def test_static_and_dense():
 def test_unknown_method_is_rejected():
   with pytest.raises(ConfigError, match="unknown method 'magic'"):
     _make('magic')
+
+
+def test_training_flops_relative_to_dense():
+  from selfish_jax import flops
+  params, masks = _problem(0.25)
+  dense = methods.make_method('dense', density=1.0, total_steps=100)
+  dense_fwd = flops.forward_flops_per_token(params, dense.init_masks(None, params))
+  assert dense_fwd == 2 * (30 * 40 + 20 * 64)  # no embedding here; biases not counted
+  sparse_fwd = flops.forward_flops_per_token(params, masks)
+  assert sparse_fwd == pytest.approx(0.25 * dense_fwd, abs=2)
+  rel = lambda name, **kw: flops.train_flops_relative(
+      methods.make_method(name, density=0.25, total_steps=1000, every_steps=100, **kw),
+      sparse_fwd, dense_fwd, 1000)
+  assert rel('dense') == 1.0
+  for name in ('static', 'selfish', 'set', 'dsr'):
+    assert rel(name) == pytest.approx(sparse_fwd / dense_fwd)
+  assert rel('snfs') == pytest.approx((2 * sparse_fwd + dense_fwd) / (3 * dense_fwd))
+  # RigL: 7 dense-gradient steps (100..700) out of 1000.
+  expected = (993 * 3 * sparse_fwd + 7 * (2 * sparse_fwd + dense_fwd)) / 1000 / (3 * dense_fwd)
+  assert rel('rigl') == pytest.approx(expected)
+  gmp = rel('gmp')
+  assert 0.25 < gmp < 1.0  # dense start, cubic decay to 0.25 at 75% of training
+  # The embedding is a lookup unless it is also the (tied) decoder.
+  lm = {'embedding': jnp.zeros((10, 4)), 'w': jnp.zeros((4, 4))}
+  assert flops.forward_flops_per_token(lm, {'embedding': None, 'w': None}) == 32
+  assert flops.forward_flops_per_token(lm, {'embedding': None, 'w': None}, tied=True) == 112

@@ -167,3 +167,30 @@ def test_every_method_trains_at_its_promised_density(tiny_config, tmp_path, meth
   # GMP prunes from dense to the target by mid-training.
   assert final['density'] == pytest.approx(0.33, abs=2e-4)
   assert epochs[0]['density'] == pytest.approx(0.33, abs=2e-4)
+
+
+def test_compare_runner_writes_the_table_and_skips_finished_runs(shared_data_dir, tmp_path):
+  command = [sys.executable, '-m', 'experiments.compare',
+             '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={tmp_path}',
+             '--methods=dense,selfish,snfs', '--optimizers=sgd', '--seeds=1,2',
+             f'--config.data_dir={shared_data_dir}', '--config.download=False',
+             '--config.emsize=16', '--config.nhid=16', '--config.batch_size=4',
+             '--config.eval_batch_size=64', '--config.bptt=10', '--config.lr=5',
+             '--config.num_epochs=1', '--config.max_steps_per_epoch=3', '--lrs=momentum:1.0']
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = json.loads((tmp_path / 'results.json').read_text())
+  assert [(r['method'], r['optimizer'], r['seeds']) for r in rows] == [
+      ('dense', 'sgd', [1, 2]), ('selfish', 'sgd', [1, 2]), ('snfs', 'sgd', [1, 2])]
+  assert rows[2]['optimizer_used'] == 'momentum' and rows[2]['lr'] == 1.0
+  assert rows[0]['train_flops'] == 1.0 and rows[1]['train_flops'] < 0.4
+  assert rows[1]['params'] < rows[0]['params']
+  assert rows[1]['test_ppl'][1] > 0  # std over two seeds
+  table = (tmp_path / 'results.md').read_text()
+  assert '| selfish | sgd |' in table and '| snfs | sgd (momentum) |' in table
+  assert (tmp_path / 'val_ppl.png').stat().st_size > 1000
+  stamp = (tmp_path / 'selfish-sgd-seed1' / 'metrics.jsonl').stat().st_mtime
+  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0
+  assert (tmp_path / 'selfish-sgd-seed1' / 'metrics.jsonl').stat().st_mtime == stamp

@@ -135,6 +135,14 @@ def active_counts(masks: Masks) -> dict[str, int]:
   return {jax.tree_util.keystr(path): int(np.sum(m)) for path, m in flat if m is not None}
 
 
+def parameter_count(params: PyTree, masks: Masks) -> int:
+  """Weights that exist: active entries of masked leaves plus every dense leaf."""
+  total = 0
+  for mask, param in zip(jax.tree.leaves(masks, is_leaf=is_none), jax.tree.leaves(params)):
+    total += param.size if mask is None else int(np.sum(np.asarray(mask)))
+  return total
+
+
 def overall_density(masks: Masks) -> float:
   """Active fraction over all masked leaves (1.0 when nothing is masked)."""
   leaves = [m for m in jax.tree.leaves(masks) if m is not None]

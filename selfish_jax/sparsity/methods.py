@@ -53,6 +53,8 @@ class Method:
     last_step: no step-based updates after this step.
     update: the topology update, or None for methods that never change it.
     initial_state: the method's state before the first update.
+    density_schedule: density as a function of the step, for methods whose
+      density changes (GMP); None when it stays at ``density``.
   """
   name: str
   density: float = 1.0
@@ -63,6 +65,7 @@ class Method:
   last_step: int = 0
   update: UpdateFn | None = None
   initial_state: PyTree = dataclasses.field(default_factory=dict)
+  density_schedule: Callable[[jax.Array], jax.Array] | None = None
 
   @property
   def sparse(self) -> bool:
@@ -275,4 +278,5 @@ def make_method(name: str, *, density: float, sparse_init: str = 'uniform',
                   initial_state={'threshold': jnp.float32(dsr_initial_threshold)})
   begin = int(gmp_begin_fraction * total_steps)
   return Method(name='gmp', density=density, start_dense=True, every_steps=every_steps,
-                last_step=end_step, update=_pruning_update(density, begin, end_step))
+                last_step=end_step, update=_pruning_update(density, begin, end_step),
+                density_schedule=lambda step: gmp_density(step, density, begin, end_step))

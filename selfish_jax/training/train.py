@@ -23,7 +23,7 @@ import ml_collections
 import optax
 
 from selfish_jax import config as config_lib
-from selfish_jax import optim, sparsity
+from selfish_jax import flops, optim, sparsity
 from selfish_jax.data import batchify, load_corpus
 from selfish_jax.models.lstm import StackedLSTMLM
 from selfish_jax.sparsity import methods
@@ -268,9 +268,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   best = checkpoints.restore_best(state.params)
   test_loss = evaluate(best if best is not None else state.params, test_windows)
+  dense_forward = flops.forward_flops_per_token(state.params, sparsity.dense_masks(state.params),
+                                                tied=config.tied)
+  sparse_forward = flops.forward_flops_per_token(state.params, state.masks, tied=config.tied)
   final = {'step': int(state.step), 'test_loss': test_loss, 'test_ppl': _perplexity(test_loss),
            'best_val_loss': host.best_val_loss, 'best_val_ppl': _perplexity(host.best_val_loss),
-           'density': sparsity.overall_density(state.masks)}
+           'density': sparsity.overall_density(state.masks),
+           'params': sparsity.parameter_count(state.params, state.masks),
+           'train_flops_relative': flops.train_flops_relative(
+               method, sparse_forward, dense_forward, config.num_epochs * steps_per_epoch)}
   writer.write(final)
   logging.info('| end of training | test loss %5.2f | test ppl %8.2f | best valid ppl %8.2f',
                test_loss, final['test_ppl'], final['best_val_ppl'])
