@@ -15,7 +15,6 @@ with ``sgd``/``snt_asgd`` it runs with SGD momentum instead, as its paper does.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -23,7 +22,6 @@ from absl import app, flags, logging
 import numpy as np
 from ml_collections import config_flags
 
-from selfish_jax import flops
 from selfish_jax.errors import UserError
 from selfish_jax.sparsity import methods as methods_lib
 from selfish_jax.training import metrics, train

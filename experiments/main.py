@@ -11,7 +11,7 @@ on one line with a non-zero exit code.
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from selfish_jax.errors import UserError

@@ -8,7 +8,6 @@ are and no per-step mask product is needed in the forward pass.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import jax
