@@ -150,8 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = jax.jit(steps.make_train_step(model, tx, dropout_key), donate_argnums=0,
                        in_shardings=(state_sharding, batch_sharded),
                        out_shardings=(state_sharding, replicated))
-  evaluate_train_batch = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
-  evaluate = lambda params, windows: float(evaluate_train_batch(params, windows))
+  evaluate_split = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
+  evaluate = lambda params, windows: float(evaluate_split(params, windows))
+  eval_params = jax.jit(optim.averaged_params)
   # Donating params and masks lets XLA update them in place: on CPU that halves
   # the time of a topology update of the large model.
   update_topology = jax.jit(method.update, donate_argnums=(0, 1)) if method.update else None
@@ -169,7 +170,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, masks, method_state = update_topology(state.params, state.masks, state.method_state,
                                                   key, state.step, scores)
     return state.replace(params=params, masks=masks, method_state=method_state)
-  eval_params = jax.jit(optim.averaged_params)
 
   config_path = os.path.join(workdir, 'config.json')
   if os.path.exists(config_path):
@@ -191,7 +191,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  int(state.step), host.epoch, host.window)
   else:
     summary = sparsity.summarize(state.masks)
-    logging.info('Parameters: %d; density %.4f; active per matrix %s',
+    logging.info('Method %s, optimizer %s: %d of %d weights active (density %.4f of the '
+                 'masked matrices); active per matrix %s', method.name, config.optimizer,
+                 sparsity.parameter_count(state.params, state.masks),
                  sum(p.size for p in jax.tree.leaves(state.params)), summary['density'],
                  summary['active'])
 
