@@ -11,13 +11,13 @@ import ml_collections
 
 from selfish_jax import optim
 from selfish_jax.errors import ConfigError
-from selfish_jax.sparsity import methods
+from selfish_jax.sparsity import masks, methods, topology
 
 METHODS = methods.METHODS
 OPTIMIZERS = optim.OPTIMIZERS
 DATASETS = ('ptb', 'wikitext2')
-SPARSE_INITS = ('uniform', 'er')
-GROWTH_MODES = ('random', 'gradient', 'momentum')
+SPARSE_INITS = masks.SPARSE_INITS
+GROWTH_MODES = topology.GROWTH_MODES
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
