@@ -226,3 +226,19 @@ def test_lazy_selections_match_materialised_keys(shape):
       select.largest_magnitudes(values, eligible, 77),
       select.select_largest(select.magnitude_keys(values), eligible, 77))
   assert int(select.count_true(eligible)) == int(np.sum(np.asarray(eligible)))
+
+
+def test_random_subsets_are_uniform_over_positions():
+  n, k, draws = 1000, 100, 2000
+  eligible = jnp.ones((n,), bool)
+  subset = jax.jit(jax.vmap(lambda key: select.random_subset(key, eligible, k)))
+  counts = np.asarray(subset(jax.random.split(jax.random.key(0), draws))).sum(axis=0)
+  assert counts.sum() == k * draws
+  expected = draws * k / n
+  chi2 = float(np.sum((counts - expected) ** 2 / expected))
+  # 999 degrees of freedom: mean 999, sd ~45; 1200 is beyond 4 sd.
+  assert 800 < chi2 < 1200, chi2
+  # Neighbouring positions are chosen independently (no stripes from the hash).
+  pairs = np.asarray(subset(jax.random.split(jax.random.key(1), 500)))
+  together = np.mean(pairs[:, :-1] & pairs[:, 1:])
+  assert together == pytest.approx((k / n) * ((k - 1) / (n - 1)), abs=0.003)
