@@ -194,3 +194,19 @@ def test_compare_runner_writes_the_table_and_skips_finished_runs(shared_data_dir
   again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0
   assert (tmp_path / 'selfish-sgd-seed1' / 'metrics.jsonl').stat().st_mtime == stamp
+
+
+def test_epoch_records_carry_the_topology_change(tiny_config, tmp_path):
+  tiny_config.num_epochs = 2
+  tiny_config.max_steps_per_epoch = 3
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  first = _epoch_records(str(tmp_path))[0]
+  assert set(first['topology_distance']) == {
+      "['decoder_kernel']", "['embedding']", "['lstm_0']['input_kernel']",
+      "['lstm_0']['recurrent_kernel']", "['lstm_1']['input_kernel']",
+      "['lstm_1']['recurrent_kernel']"}
+  # ceil(p * active) weights of each matrix moved, less the few regrown where
+  # they were just removed.
+  rate = first['death_rate']
+  for name, distance in first['topology_distance'].items():
+    assert 0.8 * rate < distance < rate + 0.01, (name, distance, rate)
