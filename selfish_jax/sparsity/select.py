@@ -11,7 +11,7 @@ and refined by secant steps with bisection as the safeguard.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,38 +187,68 @@ def _kth_smallest(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array
   return hi, upto_hi == k
 
 
-def smallest_by(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
-                eligible_count: jax.Array | None = None) -> jax.Array:
-  """Exactly ``min(k, eligible)`` entries with the smallest keys, as a boolean mask.
+class Cut(NamedTuple):
+  """A selection as a threshold: entries whose ``(key, position)`` is at most
+  ``(key, position)`` in lexicographic order are chosen (none if not ``any``).
+
+  Ties on the key go to the lowest flat positions. Evaluating :meth:`chosen`
+  is elementwise, so XLA fuses it into whatever uses the selection instead of
+  materialising a mask.
+  """
+  key: jax.Array
+  position: jax.Array
+  any: jax.Array
+
+  def chosen(self, keys: jax.Array, positions: jax.Array) -> jax.Array:
+    return self.any & ((keys < self.key) | ((keys == self.key) & (positions <= self.position)))
+
+
+def positions(shape: tuple[int, ...]) -> jax.Array:
+  """Flat uint32 position of every entry of an array of ``shape``."""
+  return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+
+
+def smallest_cut(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
+                 eligible_count: jax.Array | None = None) -> Cut:
+  """The :class:`Cut` choosing exactly ``min(k, eligible)`` entries with the smallest keys.
 
   ``key_fn(positions, *inputs)`` maps flat uint32 positions and the inputs'
   matching entries to uint32 keys, 0xFFFFFFFF marking ineligible entries
   (eligible keys must be below it). It is applied elementwise inside every
-  counting pass, so it must be cheap. Ties at the boundary go to the lowest
-  flat index. ``k`` may be traced: nothing recompiles as it changes.
-  ``eligible_count``, if known, saves one pass.
+  counting pass, so it must be cheap. ``k`` may be traced: nothing recompiles
+  as it changes. ``eligible_count``, if known, saves one pass.
   """
   keys = _LazyKeys(key_fn, inputs)
   if eligible_count is None:
     eligible_count = count_true(keys.rows() != jnp.uint32(_UINT32_MAX))
   k = jnp.minimum(jnp.asarray(k, jnp.int32), eligible_count)
 
-  def choose(k):
+  def find(k):
     threshold, exact = _kth_smallest(keys, k, eligible_count)
 
-    def break_ties(_):
-      rows = keys.rows()
-      ties = rows == threshold
-      needed = k - count_true(rows < threshold)
-      rank = jnp.cumsum(ties.ravel(), dtype=jnp.int32).reshape(ties.shape)
-      return (rows < threshold) | (ties & (rank <= needed))
+    def tie_position(_):
+      # Only when ties straddle the boundary: the position of the last tie to
+      # take, found by the same search over the ties' (distinct) positions.
+      ties = _LazyKeys(lambda pos, *xs: jnp.where(key_fn(pos, *xs) == threshold, pos,
+                                                  jnp.uint32(_UINT32_MAX)), inputs)
+      needed = k - count_true(keys.rows() < threshold)
+      tie_count = count_true(ties.rows() != jnp.uint32(_UINT32_MAX))
+      return _kth_smallest(ties, needed, tie_count)[0]
 
-    # The prefix sum is costly on large matrices and only needed when ties
-    # straddle the boundary.
-    return jax.lax.cond(exact, lambda _: keys.rows() <= threshold, break_ties, None)
+    position = jax.lax.cond(exact, lambda _: jnp.uint32(_UINT32_MAX), tie_position, None)
+    return threshold, position
 
-  rows = jax.lax.cond(k > 0, choose, lambda _: jnp.zeros(keys.rows().shape, bool), k)
-  return keys.to_shape(rows)
+  threshold, position = jax.lax.cond(k > 0, find,
+                                     lambda _: (jnp.uint32(0), jnp.uint32(0)), k)
+  return Cut(threshold, position, k > 0)
+
+
+def smallest_by(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
+                eligible_count: jax.Array | None = None) -> jax.Array:
+  """Boolean mask of the entries :func:`smallest_cut` chooses."""
+  cut = smallest_cut(key_fn, inputs, k, eligible_count)
+  where = positions(inputs[0].shape)
+  return cut.chosen(key_fn(where, *inputs), where)
 
 
 def _eligible_key(eligible, key):
@@ -240,27 +270,42 @@ def select_largest(keys: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Ar
   return select_smallest(~keys, eligible, k)
 
 
+def smallest_magnitude_keys(_, values: jax.Array, eligible: jax.Array) -> jax.Array:
+  """Key function (see :func:`smallest_cut`): smallest ``|values|`` first."""
+  return _eligible_key(eligible, magnitude_keys(values))
+
+
+def largest_magnitude_keys(_, values: jax.Array, eligible: jax.Array) -> jax.Array:
+  """Key function: largest ``|values|`` first."""
+  return _eligible_key(eligible, ~magnitude_keys(values))
+
+
+def random_order_keys(key: jax.Array) -> KeyFn:
+  """Key function ``(positions, eligible)``: a random order of positions drawn from ``key``.
+
+  The order of :func:`random_keys` (largest first), recomputed in every pass
+  and never stored.
+  """
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  return lambda pos, eligible: _eligible_key(eligible, ~_hash(pos, seeds))
+
+
 def smallest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
                         eligible_count: jax.Array | None = None) -> jax.Array:
   """The ``k`` eligible entries with the smallest ``|values|`` (keys never materialised)."""
-  return smallest_by(lambda _, v, e: _eligible_key(e, magnitude_keys(v)), (values, eligible), k,
-                     eligible_count)
+  return smallest_by(smallest_magnitude_keys, (values, eligible), k, eligible_count)
 
 
 def largest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
                        eligible_count: jax.Array | None = None) -> jax.Array:
   """The ``k`` eligible entries with the largest ``|values|``."""
-  return smallest_by(lambda _, v, e: _eligible_key(e, ~magnitude_keys(v)), (values, eligible), k,
-                     eligible_count)
+  return smallest_by(largest_magnitude_keys, (values, eligible), k, eligible_count)
 
 
 def random_subset(key: jax.Array, eligible: jax.Array, k: jax.Array,
                   eligible_count: jax.Array | None = None) -> jax.Array:
   """``k`` eligible positions drawn uniformly without replacement.
 
-  Ranks positions by :func:`random_keys` (recomputed in every pass, never
-  stored): the same choice as ``select_largest(random_keys(key, shape), ...)``.
+  The same choice as ``select_largest(random_keys(key, shape), eligible, k)``.
   """
-  seeds = jax.random.bits(key, (2,), jnp.uint32)
-  return smallest_by(lambda pos, e: _eligible_key(e, ~_hash(pos, seeds)), (eligible,), k,
-                     eligible_count)
+  return smallest_by(random_order_keys(key), (eligible,), k, eligible_count)

@@ -88,11 +88,24 @@ def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate:
 
   Regrowth chooses among all positions inactive after removal (the just-removed
   ones included, as in the reference and RigL); grown weights start at 0.
+  Selections stay thresholds (:class:`~selfish_jax.sparsity.select.Cut`) that
+  the new mask and weights are computed from elementwise.
   """
   active = select.count_true(mask)
   count = num_to_remove(active, death_rate)
-  survivors = mask & ~removal_mask(weights, mask, count, removal, active)
-  grown = growth_mask(~survivors, count, key, scores, mask.size - active + count)
+  where = select.positions(mask.shape)
+  if removal == 'magnitude':
+    cut = select.smallest_cut(select.smallest_magnitude_keys, (weights, mask), count, active)
+    removed = cut.chosen(select.smallest_magnitude_keys(where, weights, mask), where)
+  else:
+    removed = removal_mask(weights, mask, count, removal, active)
+  survivors = mask & ~removed
+  free = mask.size - active + count
+  if scores is None:
+    key_fn, inputs = select.random_order_keys(key), (~survivors,)
+  else:
+    key_fn, inputs = select.largest_magnitude_keys, (scores, ~survivors)
+  grown = select.smallest_cut(key_fn, inputs, count, free).chosen(key_fn(where, *inputs), where)
   return jnp.where(survivors, weights, jnp.zeros_like(weights)), survivors | grown
 
 
