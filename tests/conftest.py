@@ -1,8 +1,16 @@
 """Shared fixtures: the real corpora beside the project, and tiny configs."""
 
 import os
+import tempfile
 
 import pytest
+
+# Many tests compile the same tiny programs (in this process and in the
+# subprocesses they start): share compilations through JAX's persistent cache.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'selfish_jax_test_jit_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
 

@@ -109,15 +109,16 @@ def test_dsr_threshold_moves_toward_the_target_and_total_is_exact():
   total = sum(_count(masks[k]) for k in ('a', 'b'))
   state = method.initial_state
   thresholds = [float(state['threshold'])]
+  update = jax.jit(method.update)
   for step in range(12):
-    params, masks, state = method.update(params, masks, state, jax.random.key(step), 0)
+    params, masks, state = update(params, masks, state, jax.random.key(step), 0)
     thresholds.append(float(state['threshold']))
     assert sum(_count(masks[k]) for k in ('a', 'b')) == total
   # Far too few removals at 1e-4: the threshold doubles until the removals near the target.
   assert thresholds[1] == 2 * thresholds[0]
   assert thresholds[-1] > 100 * thresholds[0]
   # Regrown weights start at zero, so the threshold eventually removes about the target.
-  params2, masks2, state2 = method.update(params, masks, state, jax.random.key(99), 0)
+  params2, masks2, state2 = update(params, masks, state, jax.random.key(99), 0)
   del params2, masks2
   assert float(state2['threshold']) in (thresholds[-1], 2 * thresholds[-1], thresholds[-1] / 2)
 
@@ -134,9 +135,10 @@ def test_gmp_follows_the_cubic_schedule_exactly():
   method = _make('gmp', density=0.2, total_steps=1000, every_steps=100, end_fraction=0.5)
   masks = method.init_masks(jax.random.key(0), params)
   assert _count(masks['a']) == 1200  # dense start
+  update = jax.jit(method.update)
   for step in range(100, 1001, 100):
     if method.updates_at(step, epoch_end=False):
-      params, masks, _ = method.update(params, masks, {}, None, step)
+      params, masks, _ = update(params, masks, {}, jax.random.key(0), step)
     expected = 0.2 + 0.8 * (1 - min(step / 500, 1.0)) ** 3
     assert _count(masks['a']) == round(expected * 1200), step
   assert _count(masks['a']) == 240

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent('''
     for n in (1, 4):
       config = ptb_lstm_small.get_config()
       config.update(data_dir=data_dir, download=False, emsize=16, nhid=16, batch_size=8,
-                    eval_batch_size=32, bptt=10, lr=5.0, num_epochs=3, max_steps_per_epoch=8,
+                    eval_batch_size=32, bptt=10, lr=5.0, num_epochs=3, max_steps_per_epoch=4,
                     log_every=1, num_devices=n, growth='gradient')
       final = train.train_and_evaluate(config, f'{workdir}/{n}')
       records = metrics.read_records(f'{workdir}/{n}/metrics.jsonl')
@@ -52,7 +52,7 @@ def test_four_devices_match_one_device(shared_data_dir, tmp_path):
   line = [l for l in result.stdout.splitlines() if l.startswith('RESULTS ')][-1]
   results = json.loads(line[len('RESULTS '):])
   one, four = results['1'], results['4']
-  assert len(one['loss']) == 24
+  assert len(one['loss']) == 12
   assert one['optimizer'] == four['optimizer'] == ['sgd', 'sgd', 'asgd']
   np.testing.assert_allclose(four['loss'], one['loss'], rtol=2e-4)
   np.testing.assert_allclose(four['val'], one['val'], rtol=2e-4)
