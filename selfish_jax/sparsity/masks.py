@@ -123,8 +123,8 @@ def init_masks(key: jax.Array, params: PyTree, density: float, sparse_init: str 
     if path not in budgets:
       leaves.append(None)
       continue
-    scores = select.random_keys(leaf_key, leaf.shape)
-    leaves.append(select.select_largest(scores, jnp.ones(leaf.shape, bool), budgets[path]))
+    everywhere = jnp.ones(leaf.shape, bool)
+    leaves.append(select.random_subset(leaf_key, everywhere, budgets[path], leaf.size))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

@@ -221,6 +221,7 @@ def smallest_cut(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
   keys = _LazyKeys(key_fn, inputs)
   if eligible_count is None:
     eligible_count = count_true(keys.rows() != jnp.uint32(_UINT32_MAX))
+  eligible_count = jnp.asarray(eligible_count, jnp.int32)
   k = jnp.minimum(jnp.asarray(k, jnp.int32), eligible_count)
 
   def find(k):

@@ -72,15 +72,6 @@ def removal_mask(weights: jax.Array, mask: jax.Array, count: jax.Array,
   raise ConfigError(f'unknown removal mode {mode!r}; expected one of {REMOVAL_MODES}')
 
 
-def growth_mask(eligible: jax.Array, count: jax.Array, key: jax.Array,
-                scores: jax.Array | None = None, eligible_count: jax.Array | None = None
-                ) -> jax.Array:
-  """``count`` eligible positions: uniformly at random, or the largest ``|scores|``."""
-  if scores is None:
-    return select.random_subset(key, eligible, count, eligible_count)
-  return select.largest_magnitudes(scores, eligible, count, eligible_count)
-
-
 def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate: jax.Array,
                 scores: jax.Array | None = None, removal: str = 'magnitude'
                 ) -> tuple[jax.Array, jax.Array]:
