@@ -47,6 +47,16 @@ def map_masked(fn: Callable[..., Any], params: PyTree, masks: Masks, *rest: PyTr
   return map_with_masks(lambda p, m, *r: p if m is None else fn(p, m, *r), params, masks, *rest)
 
 
+def flatten_with_masks(masks: Masks, *trees: PyTree | None) -> tuple[list, Any, list[list]]:
+  """``(mask leaves, treedef, [leaves of each tree])`` aligned on the masks' structure.
+
+  A tree given as None flattens to a list of None, one per mask leaf.
+  """
+  flat_masks, treedef = jax.tree_util.tree_flatten(masks, is_leaf=is_none)
+  return flat_masks, treedef, [treedef.flatten_up_to(t) if t is not None
+                               else [None] * len(flat_masks) for t in trees]
+
+
 def apply_masks(params: PyTree, masks: Masks) -> PyTree:
   """Zeroes every masked-out weight."""
   return map_masked(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)

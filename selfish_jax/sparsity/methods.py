@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks as masks_lib
 from selfish_jax.sparsity import select, topology
-from selfish_jax.sparsity.masks import Masks, is_none
+from selfish_jax.sparsity.masks import Masks
 
 PyTree = Any
 UpdateFn = Callable[..., tuple[PyTree, Masks, PyTree]]
@@ -90,12 +90,6 @@ class Method:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _flatten(masks: Masks, *trees: PyTree):
-  flat_masks, treedef = jax.tree_util.tree_flatten(masks, is_leaf=is_none)
-  return flat_masks, treedef, [treedef.flatten_up_to(t) if t is not None
-                               else [None] * len(flat_masks) for t in trees]
-
-
 def allocate(total: jax.Array, weights: jax.Array, capacity: jax.Array) -> jax.Array:
   """Integer shares of ``total`` proportional to ``weights``, each at most ``capacity``.
 
@@ -142,7 +136,7 @@ def _redistributing_update(death_rate: Callable[[jax.Array], jax.Array]) -> Upda
 
   def update(params, masks, state, key, step, scores=None):
     del key
-    flat_masks, treedef, (flat_params, flat_scores) = _flatten(masks, params, scores)
+    flat_masks, treedef, (flat_params, flat_scores) = masks_lib.flatten_with_masks(masks, params, scores)
     rate = death_rate(step)
     sparse = [i for i, m in enumerate(flat_masks) if m is not None]
     survivors, removed, momentum, capacity = {}, [], [], []
@@ -175,7 +169,7 @@ def _threshold_update(death_rate: Callable[[jax.Array], jax.Array],
 
   def update(params, masks, state, key, step, scores=None):
     del scores
-    flat_masks, treedef, (flat_params,) = _flatten(masks, params)
+    flat_masks, treedef, (flat_params,) = masks_lib.flatten_with_masks(masks, params)
     threshold = state['threshold']
     sparse = [i for i, m in enumerate(flat_masks) if m is not None]
     survivors, kept, capacity, removed, active_total = {}, [], [], 0, 0

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import select
-from selfish_jax.sparsity.masks import Masks, is_none
+from selfish_jax.sparsity.masks import Masks, flatten_with_masks
 
 PyTree = Any
 
@@ -122,9 +122,8 @@ def update_topology(params: PyTree, masks: Masks, key: jax.Array, death_rate: ja
     raise ConfigError(f'unknown growth mode {growth!r}; expected one of {GROWTH_MODES}')
   if growth != 'random' and scores is None:
     raise ValueError(f'growth={growth!r} needs scores (gradients or momentum)')
-  flat_masks, treedef = jax.tree_util.tree_flatten(masks, is_leaf=is_none)
-  flat_params = treedef.flatten_up_to(params)
-  flat_scores = treedef.flatten_up_to(scores) if growth != 'random' else [None] * len(flat_params)
+  flat_masks, treedef, (flat_params, flat_scores) = flatten_with_masks(
+      masks, params, scores if growth != 'random' else None)
   keys = jax.random.split(key, len(flat_masks))
   new_params, new_masks = [], []
   for leaf_key, p, m, s in zip(keys, flat_params, flat_masks, flat_scores):
