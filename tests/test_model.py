@@ -100,3 +100,41 @@ def test_padding_the_last_window_changes_nothing():
     total += float(jnp.sum(nll))
     count += nll.size
   assert mean_nll == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize('chunk_rows', [3, 6, 11, 0])
+def test_fused_loss_gradient_equals_plain_autodiff(chunk_rows):
+  # 8 steps x batch 3: 3 rows -> 1 step per chunk, 6 -> 2, 11 -> 2 (3 does not
+  # divide 8), 0 -> plain autodiff.
+  tokens = jax.random.randint(jax.random.key(1), (3, 8), 0, 50)
+  targets = jax.random.randint(jax.random.key(2), (3, 8), 0, 50)
+  weights = jax.random.uniform(jax.random.key(3), (3, 8)).at[:, -2:].set(0.0)
+  fused = lstm.StackedLSTMLM(vocab_size=50, emsize=12, nhid=12, nlayers=1,
+                             loss_chunk_rows=chunk_rows)
+  params = fused.init(jax.random.key(0), tokens, fused.initial_carry(3), train=False)['params']
+  carry = fused.initial_carry(3)
+
+  def plain_loss(p):
+    nll, _ = fused.apply({'params': p}, tokens, carry, train=False, targets=targets)
+    return jnp.sum(nll * weights)
+
+  def fused_loss(p):
+    return fused.apply({'params': p}, tokens, carry, train=False, targets=targets,
+                       weights=weights)[0]
+
+  np.testing.assert_allclose(fused_loss(params), plain_loss(params), rtol=1e-6)
+  g_fused = jax.grad(lambda p: 2.5 * fused_loss(p))(params)  # a cotangent other than 1
+  g_plain = jax.grad(lambda p: 2.5 * plain_loss(p))(params)
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_steps_is_the_largest_fitting_divisor():
+  assert lstm.chunk_steps(35, 20, 128) == 5
+  assert lstm.chunk_steps(35, 20, 700) == 35
+  assert lstm.chunk_steps(35, 20, 10) == 1
+  assert lstm.chunk_steps(35, 20, 0) == 35
+  assert lstm.chunk_steps(8, 3, 11) == 2
+  with pytest.raises(ValueError, match='do not divide'):
+    lstm._weighted_nll_sum_fwd(jnp.zeros((7, 1, 2)), jnp.zeros((2, 3)), jnp.zeros(3),
+                               jnp.zeros((7, 1), jnp.int32), jnp.zeros((7, 1)), 2)

@@ -10,6 +10,7 @@ reference model (embedding and decoder U(-0.1, 0.1), decoder bias 0).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -49,6 +50,75 @@ def softmax_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array,
   target_logits = jnp.sum(features.astype(jnp.float32) * target_columns.astype(jnp.float32),
                           axis=-1) + bias[targets]
   return log_normaliser - target_logits
+
+
+def chunk_steps(steps: int, batch: int, target_rows: int) -> int:
+  """Time steps per chunk of the fused loss: the largest divisor of ``steps``
+  with at most ``target_rows`` rows (``steps * batch`` rows are not chunked
+  when ``target_rows`` is 0)."""
+  if target_rows <= 0:
+    return steps
+  fits = [d for d in range(1, steps + 1) if steps % d == 0 and d * batch <= target_rows]
+  return max(fits, default=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def weighted_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
+                     targets: jax.Array, weights: jax.Array, steps_per_chunk: int) -> jax.Array:
+  """``sum(weights * softmax_nll(...))`` over time-major ``features [T, B, H]``.
+
+  Its gradient is computed during the forward pass, ``steps_per_chunk`` time
+  steps at a time (the fused softmax cross-entropy of large-vocabulary LMs):
+  each ``[rows, vocab]`` tile of logits, probabilities and their gradient stays
+  in cache instead of streaming ``[T*B, vocab]`` buffers through memory six or
+  more times, which is what bounds the 10,000-way softmax on a CPU. Chunks are
+  whole time steps, so a batch sharded over devices stays sharded the same way.
+  ``weights`` get no gradient.
+  """
+  steps, batch = targets.shape
+  return jnp.sum(weights * softmax_nll(features.reshape(steps * batch, -1), kernel, bias,
+                                       targets.reshape(-1)).reshape(steps, batch))
+
+
+def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_chunk):
+  steps, batch, hidden = features.shape
+  if steps % steps_per_chunk:
+    raise ValueError(f'{steps_per_chunk} steps per chunk do not divide {steps} steps')
+  num_chunks, rows = steps // steps_per_chunk, steps_per_chunk * batch
+  chunked = lambda a: a.reshape(num_chunks, rows, *a.shape[1:])  # a: [T * B, ...]
+  kernel_t = kernel.T  # [vocab, H]: the input-gradient product in its fast layout
+
+  def chunk(carry, inputs):
+    d_kernel, d_bias = carry
+    x, y, w = inputs
+    logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
+    shift = jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(logits - shift)
+    total = jnp.sum(exp, axis=-1)
+    target_logits = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+    loss = jnp.sum(w * (jnp.log(total) + shift[:, 0] - target_logits))
+    d_logits = (exp * (w / total)[:, None]).at[jnp.arange(rows), y].add(-w)
+    d_x = jnp.dot(d_logits.astype(x.dtype), kernel_t, preferred_element_type=jnp.float32)
+    d_kernel = d_kernel + jnp.dot(x.T, d_logits.astype(x.dtype),
+                                  preferred_element_type=jnp.float32)
+    return (d_kernel, d_bias + jnp.sum(d_logits, axis=0)), (loss, d_x.astype(x.dtype))
+
+  zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+  (d_kernel, d_bias), (losses, d_features) = jax.lax.scan(
+      chunk, zeros, (chunked(features.reshape(steps * batch, hidden)),
+                     chunked(targets.reshape(-1)), chunked(weights.reshape(-1))))
+  grads = (d_features.reshape(features.shape), d_kernel.astype(kernel.dtype),
+           d_bias.astype(bias.dtype))
+  return jnp.sum(losses), grads
+
+
+def _weighted_nll_sum_bwd(steps_per_chunk, grads, cotangent):
+  del steps_per_chunk
+  d_features, d_kernel, d_bias = (g * cotangent.astype(g.dtype) for g in grads)
+  return d_features, d_kernel, d_bias, None, None
+
+
+weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
 
 
 class LSTMLayer(nn.Module):
@@ -94,6 +164,8 @@ class StackedLSTMLM(nn.Module):
   dropout: float = 0.0
   tied: bool = False
   compute_dtype: jnp.dtype = jnp.float32
+  # Rows (batch x time steps) per chunk of the fused loss gradient; 0 = plain autodiff.
+  loss_chunk_rows: int = 128
 
   def initial_carry(self, batch_size: int) -> tuple[Carry, ...]:
     # Separate buffers, so a jitted step can donate the carry.
@@ -102,13 +174,16 @@ class StackedLSTMLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
-               targets: jax.Array | None = None) -> tuple[jax.Array, tuple[Carry, ...]]:
+               targets: jax.Array | None = None,
+               weights: jax.Array | None = None) -> tuple[jax.Array, tuple[Carry, ...]]:
     """Runs ``tokens [B, T]`` from ``carry``.
 
     Returns:
-      ``(logits [B, T, vocab], carry)``, or with ``targets [B, T]`` the
-      per-token negative log-likelihood ``[B, T]`` instead of the logits
-      (cheaper to differentiate, see :func:`softmax_nll`).
+      ``(logits [B, T, vocab], carry)``; with ``targets [B, T]`` the per-token
+      negative log-likelihood ``[B, T]`` instead of the logits (cheaper to
+      differentiate, see :func:`softmax_nll`); with ``targets`` and
+      ``weights [B, T]`` the scalar ``sum(weights * nll)``, whose gradient is
+      fused into chunks of ``loss_chunk_rows`` rows (see :func:`weighted_nll_sum`).
     """
     if self.tied and self.emsize != self.nhid:
       raise ValueError('tied weights need emsize == nhid')
@@ -129,9 +204,14 @@ class StackedLSTMLM(nn.Module):
     dtype = self.compute_dtype
     x = x.astype(dtype)  # [T, B, H]
     kernel = kernel.astype(dtype)
+    steps, batch = x.shape[:2]
+    if targets is not None and weights is not None and self.loss_chunk_rows > 0:
+      loss = weighted_nll_sum(x, kernel, bias, targets.T, weights.T.astype(jnp.float32),
+                              chunk_steps(steps, batch, self.loss_chunk_rows))
+      return loss, tuple(new_carry)
     if targets is not None:
-      steps, batch = x.shape[:2]
       nll = softmax_nll(x.reshape(steps * batch, -1), kernel, bias, targets.T.reshape(-1))
-      return nll.reshape(steps, batch).T, tuple(new_carry)
+      nll = nll.reshape(steps, batch).T
+      return (nll if weights is None else jnp.sum(nll * weights)), tuple(new_carry)
     logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
     return jnp.swapaxes(logits, 0, 1), tuple(new_carry)

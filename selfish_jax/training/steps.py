@@ -73,9 +73,8 @@ def window_nll(model: nn.Module, params: PyTree, carry: PyTree, window: Windows,
                train: bool, key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
   """Summed NLL of the real (unpadded) tokens of ``window``, and the new carry."""
   rngs = {'dropout': key} if train else {}
-  nll, carry = model.apply({'params': params}, window.inputs, carry, train=train,
-                           targets=window.targets, rngs=rngs)
-  return jnp.sum(nll * window.weights), carry
+  return model.apply({'params': params}, window.inputs, carry, train=train,
+                     targets=window.targets, weights=window.weights, rngs=rngs)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformationExtraArgs,

@@ -73,7 +73,8 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> StackedLSTMLM:
   return StackedLSTMLM(vocab_size=vocab_size, emsize=config.emsize, nhid=config.nhid,
                        nlayers=config.nlayers, dropout=config.dropout, tied=config.tied,
-                       compute_dtype=jnp.dtype(config.compute_dtype))
+                       compute_dtype=jnp.dtype(config.compute_dtype),
+                       loss_chunk_rows=config.loss_chunk_rows)
 
 
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
