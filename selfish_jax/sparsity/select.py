@@ -58,7 +58,7 @@ def random_keys(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return _hash(jax.lax.iota(jnp.uint32, size), jax.random.bits(key, (2,), jnp.uint32)).reshape(shape)
 
 
-_PROBES = 4  # thresholds counted per pass
+_PROBES = 2  # thresholds counted per pass (packed into one uint16 row sum)
 _SAMPLE = 1 << 15  # keys sampled to bracket the k-th key before the first pass
 
 
@@ -82,9 +82,17 @@ def count_true(flags: jax.Array) -> jax.Array:
 
 
 def _counts_at_most(rows: jax.Array, thresholds: jax.Array) -> jax.Array:
-  """``count(keys <= t)`` for each of the sorted ``thresholds``, in one pass."""
-  flags = (rows[..., None] <= thresholds).astype(jnp.int8)
-  return jnp.sum(jnp.sum(flags, axis=1, dtype=jnp.int8), axis=0, dtype=jnp.int32)
+  """``count(keys <= t)`` for both ``thresholds``, in one pass.
+
+  The two flags share one uint16 (low and high byte): a row of at most 127
+  entries cannot carry from one byte into the other, and XLA:CPU sums uint16
+  rows about three times faster per threshold than a trailing axis of flags.
+  """
+  packed = ((rows <= thresholds[0]).astype(jnp.uint16)
+            | ((rows <= thresholds[1]).astype(jnp.uint16) << 8))
+  row_sums = jnp.sum(packed, axis=1, dtype=jnp.uint16)
+  return jnp.stack([jnp.sum(row_sums & 0xFF, dtype=jnp.int32),
+                    jnp.sum(row_sums >> 8, dtype=jnp.int32)])
 
 
 class _LazyKeys:
@@ -132,7 +140,7 @@ def _kth_smallest(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array
 
   A sorted strided sample brackets the k-th key first; then every pass counts
   at ``_PROBES`` thresholds placed around a secant estimate on the empirical
-  CDF (spread by the estimate's expected error), or at the quartiles of the
+  CDF (spread by the expected error of the estimate), or at the thirds of the
   bracket after a pass that did not halve it. Typically 5-10 passes.
   """
 
@@ -160,7 +168,7 @@ def _kth_smallest(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array
   low = at(jnp.floor((q - 4 * sigma) * sampled) - 2)
   high = at(jnp.ceil((q + 4 * sigma) * sampled) + 1)
   state = (jnp.uint32(0), jnp.uint32(_UINT32_MAX - 1), jnp.int32(0), eligible_count)
-  state = update(state, jnp.stack([low, low, high, high]))
+  state = update(state, jnp.stack([low, high]))
 
   def cond(carry):
     (lo, hi, _, upto_hi), _ = carry
@@ -175,10 +183,10 @@ def _kth_smallest(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array
     # bracket, then one key gap.
     spread = jnp.where(in_bracket > 64, 2.0 / jnp.sqrt(in_bracket.astype(jnp.float32)),
                        1.0 / jnp.maximum(in_bracket, 1).astype(jnp.float32))
-    offsets = jnp.array([-1.5, -0.5, 0.5, 1.5], jnp.float32) * spread
+    offsets = jnp.array([-1.0, 1.0], jnp.float32) * spread
     secant = jnp.clip(fraction + offsets, 0.0, 1.0)
-    quartiles = jnp.array([0.25, 0.5, 0.75, 0.75], jnp.float32)
-    where = jnp.where(bisect, quartiles, secant)
+    thirds = jnp.array([1 / 3, 2 / 3], jnp.float32)
+    where = jnp.where(bisect, thirds, secant)
     thresholds = lo + (where * width).astype(jnp.uint32)
     new = update((lo, hi, below_lo, upto_hi), thresholds)
     return new, 2 * (new[3] - new[2]) > in_bracket
