@@ -138,3 +138,19 @@ def test_chunk_steps_is_the_largest_fitting_divisor():
   with pytest.raises(ValueError, match='do not divide'):
     lstm._weighted_nll_sum_fwd(jnp.zeros((7, 1, 2)), jnp.zeros((2, 3)), jnp.zeros(3),
                                jnp.zeros((7, 1), jnp.int32), jnp.zeros((7, 1)), 2)
+
+
+def test_fused_loss_in_bfloat16_gives_float32_gradients_close_to_plain():
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 50)
+  weights = jnp.ones((2, 6))
+  grads = {}
+  for rows in (4, 0):
+    model = lstm.StackedLSTMLM(vocab_size=50, emsize=12, nhid=12, nlayers=1,
+                               compute_dtype=jnp.bfloat16, loss_chunk_rows=rows)
+    params = model.init(jax.random.key(0), tokens, model.initial_carry(2), train=False)['params']
+    grads[rows] = jax.grad(lambda p, model=model: model.apply(
+        {'params': p}, tokens, model.initial_carry(2), train=False, targets=tokens,
+        weights=weights)[0])(params)
+  for fused, plain in zip(jax.tree.leaves(grads[4]), jax.tree.leaves(grads[0])):
+    assert fused.dtype == jnp.float32
+    np.testing.assert_allclose(fused, plain, rtol=0.05, atol=2e-3)
