@@ -10,6 +10,14 @@ and ``val_ppl.png`` are written into ``WORKDIR``. ``--cell=METHOD,OPTIMIZER,SEED
 runs one run only, so a cluster can fan the sweep out; a final call without
 ``--cell`` (or with ``--report_only``) collects the table. SNFS needs momentum:
 with ``sgd``/``snt_asgd`` it runs with SGD momentum instead, as its paper does.
+
+Identical runs are trained once (``--noshare_identical`` trains every cell):
+SGD and SNT-ASGD take the same steps until the non-monotone trigger fires, so
+an ``sgd`` cell whose ``snt_asgd`` twin finished without the trigger ever
+firing *is* that run (checked by replaying the trigger on the twin's recorded
+validation losses), and cells whose resolved configs are equal (SNFS with
+``sgd`` and ``snt_asgd``, both SGD momentum) share one run. Shared rows say so
+(``shared_with`` in results.json, a mark in results.md).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from absl import app, flags, logging
 import numpy as np
 from ml_collections import config_flags
 
+from selfish_jax import optim
 from selfish_jax.errors import UserError
 from selfish_jax.sparsity import methods as methods_lib
 from selfish_jax.training import metrics, train
@@ -34,6 +43,8 @@ _OPTIMIZERS = flags.DEFINE_list('optimizers', ['sgd', 'snt_asgd'], 'Optimizers t
 _SEEDS = flags.DEFINE_list('seeds', None, 'Seeds (default: the config seed).')
 _CELL = flags.DEFINE_string('cell', None, 'Run only METHOD,OPTIMIZER,SEED.')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only collect finished runs.')
+_SHARE = flags.DEFINE_bool('share_identical', True,
+                           'Train identical cells once (see the module docstring).')
 _LRS = flags.DEFINE_list('lrs', ['momentum:2.0', 'adam:0.002'],
                          'Learning rates per optimizer (others use --config.lr).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -57,12 +68,44 @@ def finished(workdir: str) -> dict | None:
   return records[-1] if records and 'test_ppl' in records[-1] else None
 
 
-def run_cell(base, workdir, method, optimizer, seed, lrs) -> dict:
+def _never_averaged(config, records: list[dict]) -> bool:
+  """Whether SNT-ASGD's trigger fired in none of the run's epochs (replayed)."""
+  losses = [r['val_loss'] for r in records if 'val_loss' in r]
+  return not any(r.get('optimizer') == 'asgd' for r in records) and not any(
+      optim.nonmonotone_trigger(losses[:i], losses[i], config.nonmono)
+      for i in range(len(losses)))
+
+
+def identical_twin(base, workdir, method, optimizer, seed, lrs) -> str | None:
+  """The finished run of another optimizer that this cell's run would repeat step for step."""
+  config = cell_config(base, method, optimizer, seed, lrs)
+  for other in ('snt_asgd', 'sgd', 'momentum'):
+    if other == optimizer:
+      continue
+    twin = cell_config(base, method, other, seed, lrs)
+    exact = twin.to_dict() == config.to_dict()
+    until_trigger = False  # the same steps unless the trigger fired
+    if not exact and {config.optimizer, twin.optimizer} == {'sgd', 'snt_asgd'}:
+      twin.optimizer = config.optimizer
+      until_trigger = twin.to_dict() == config.to_dict()
+    path = os.path.join(workdir, run_name(method, other, seed))
+    if not (exact or until_trigger) or finished(path) is None:
+      continue
+    if exact or _never_averaged(config, metrics.read_records(os.path.join(path, 'metrics.jsonl'))):
+      return run_name(method, other, seed)
+  return None
+
+
+def run_cell(base, workdir, method, optimizer, seed, lrs, share: bool = True) -> dict:
   path = os.path.join(workdir, run_name(method, optimizer, seed))
   done = finished(path)
   if done is not None:
     logging.info('%s already finished: test ppl %.2f', path, done['test_ppl'])
     return done
+  twin = identical_twin(base, workdir, method, optimizer, seed, lrs) if share else None
+  if twin is not None:
+    logging.info('%s: identical to the finished run %s, not trained again', path, twin)
+    return finished(os.path.join(workdir, twin))
   return train.train_and_evaluate(cell_config(base, method, optimizer, seed, lrs), path)
 
 
@@ -73,20 +116,24 @@ def _mean_std(values):
   return float(np.mean(values)), float(np.std(values))
 
 
-def collect(base, workdir, methods, optimizers, seeds, lrs) -> list[dict]:
+def collect(base, workdir, methods, optimizers, seeds, lrs, share: bool = True) -> list[dict]:
   """One row per method x optimizer with the finished seeds' statistics."""
   rows = []
   for method in methods:
     for optimizer in optimizers:
       runs = []
       for seed in seeds:
-        path = os.path.join(workdir, run_name(method, optimizer, seed))
+        name = run_name(method, optimizer, seed)
+        if finished(os.path.join(workdir, name)) is None and share:
+          name = identical_twin(base, workdir, method, optimizer, seed, lrs) or name
+        path = os.path.join(workdir, name)
         final = finished(path)
         if final is None:
           continue
         epochs = [r for r in metrics.read_records(os.path.join(path, 'metrics.jsonl'))
                   if 'val_ppl' in r]
-        runs.append({'seed': seed, 'final': final, 'val_ppl': [r['val_ppl'] for r in epochs]})
+        runs.append({'seed': seed, 'final': final, 'val_ppl': [r['val_ppl'] for r in epochs],
+                     'run': name})
       if not runs:
         continue
       config = cell_config(base, method, optimizer, seeds[0], lrs)
@@ -98,6 +145,8 @@ def collect(base, workdir, methods, optimizers, seeds, lrs) -> list[dict]:
           'test_ppl': _mean_std([r['final']['test_ppl'] for r in runs]),
           'train_flops': runs[0]['final'].get('train_flops_relative'),
           'optimizer_used': config.optimizer, 'lr': config.lr,
+          'shared_with': sorted({r['run'] for r in runs
+                                 if r['run'] != run_name(method, optimizer, r['seed'])}),
           'val_ppl_per_epoch': {r['seed']: r['val_ppl'] for r in runs}})
   return rows
 
@@ -115,6 +164,8 @@ def write_report(rows: list[dict], workdir: str) -> None:
   for r in rows:
     optimizer = r['optimizer'] + ('' if r['optimizer_used'] == r['optimizer']
                                   else f" ({r['optimizer_used']})")
+    if r['shared_with']:
+      optimizer += ' [= ' + ', '.join(r['shared_with']) + ']'  # the same run, see docstring
     lines.append(f"| {r['method']} | {optimizer} | {r['params'] or ''} | {r['density']:.3f} | "
                  f"{_fmt(r['best_val_ppl'])} | {_fmt(r['test_ppl'])} | "
                  f"{'' if r['train_flops'] is None else format(r['train_flops'], '.3f')} |")
@@ -150,14 +201,16 @@ def main(argv):
         raise UserError(f'unknown method {name!r}; expected one of {methods_lib.METHODS}')
     if _CELL.value:
       method, optimizer, seed = _CELL.value.split(',')
-      run_cell(base, workdir, method, optimizer, int(seed), lrs)
+      run_cell(base, workdir, method, optimizer, int(seed), lrs, _SHARE.value)
       return
     if not _REPORT_ONLY.value:
+      # SNT-ASGD first, so an SGD cell can find its finished twin.
+      order = sorted(_OPTIMIZERS.value, key=lambda o: o != 'snt_asgd')
       for seed in seeds:
         for method in _METHODS.value:
-          for optimizer in _OPTIMIZERS.value:
-            run_cell(base, workdir, method, optimizer, seed, lrs)
-    rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs)
+          for optimizer in order:
+            run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value)
+    rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
     write_report(rows, workdir)
     print(open(os.path.join(workdir, 'results.md')).read())
   except UserError as e:
