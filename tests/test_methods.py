@@ -145,6 +145,18 @@ def test_gmp_follows_the_cubic_schedule_exactly():
   assert float(methods.gmp_density(250, 0.2, 0, 500)) == pytest.approx(0.2 + 0.8 * 0.125)
 
 
+def test_gmp_reaches_the_exact_target_when_its_end_is_not_an_update_step():
+  # 1000 steps x 0.79 = 790 is not a multiple of 100: the schedule ends at 700.
+  params, _ = _problem()
+  method = _make('gmp', density=0.2, total_steps=1000, every_steps=100, end_fraction=0.79)
+  masks = method.init_masks(jax.random.key(0), params)
+  update = jax.jit(method.update)
+  for step in range(1, 1001):
+    if method.updates_at(step, epoch_end=False):
+      params, masks, _ = update(params, masks, {}, jax.random.key(0), step)
+  assert _count(masks['a']) == 240
+
+
 def test_static_and_dense():
   params, _ = _problem()
   assert _make('static').update is None

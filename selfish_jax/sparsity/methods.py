@@ -271,6 +271,8 @@ def make_method(name: str, *, density: float, sparse_init: str = 'uniform',
     return Method(**common, update=_threshold_update(cosine),
                   initial_state={'threshold': jnp.float32(dsr_initial_threshold)})
   begin = int(gmp_begin_fraction * total_steps)
+  # The schedule ends on an update step, so the last prune reaches the target count exactly.
+  prune_end = max(every_steps, end_step - end_step % every_steps)
   return Method(name='gmp', density=density, start_dense=True, every_steps=every_steps,
-                last_step=end_step, update=_pruning_update(density, begin, end_step),
-                density_schedule=lambda step: gmp_density(step, density, begin, end_step))
+                last_step=prune_end, update=_pruning_update(density, begin, prune_end),
+                density_schedule=lambda step: gmp_density(step, density, begin, prune_end))
