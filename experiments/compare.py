@@ -177,9 +177,12 @@ def write_report(rows: list[dict], workdir: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 5))
-  for r in rows:
+  colors = plt.get_cmap('tab20').colors
+  for i, r in enumerate(row for row in rows if not row['shared_with']):  # shared: same curve
     for seed, curve in r['val_ppl_per_epoch'].items():
-      ax.plot(range(1, len(curve) + 1), curve, label=f"{r['method']}/{r['optimizer']}/{seed}")
+      ax.plot(range(1, len(curve) + 1), curve, color=colors[i % len(colors)],
+              linestyle='--' if r['optimizer'] == 'sgd' else '-',
+              label=f"{r['method']}/{r['optimizer']}/{seed}")
   ax.set_xlabel('epoch')
   ax.set_ylabel('validation perplexity')
   ax.set_yscale('log')
