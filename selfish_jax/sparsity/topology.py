@@ -84,19 +84,12 @@ def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate:
   """
   active = select.count_true(mask)
   count = num_to_remove(active, death_rate)
-  where = select.positions(mask.shape)
-  if removal == 'magnitude':
-    cut = select.smallest_cut(select.smallest_magnitude_keys, (weights, mask), count, active)
-    removed = cut.chosen(select.smallest_magnitude_keys(where, weights, mask), where)
-  else:
-    removed = removal_mask(weights, mask, count, removal, active)
-  survivors = mask & ~removed
+  survivors = mask & ~removal_mask(weights, mask, count, removal, active)
   free = mask.size - active + count
   if scores is None:
-    key_fn, inputs = select.random_order_keys(key), (~survivors,)
+    grown = select.random_subset(key, ~survivors, count, free)
   else:
-    key_fn, inputs = select.largest_magnitude_keys, (scores, ~survivors)
-  grown = select.smallest_cut(key_fn, inputs, count, free).chosen(key_fn(where, *inputs), where)
+    grown = select.largest_magnitudes(scores, ~survivors, count, free)
   return jnp.where(survivors, weights, jnp.zeros_like(weights)), survivors | grown
 
 
