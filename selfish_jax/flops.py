@@ -45,7 +45,7 @@ def train_flops_relative(method: methods_lib.Method, sparse_forward: float, dens
     return 1.0
   sparse_step = 3.0 * sparse_forward
   dense_gradient_step = 2.0 * sparse_forward + dense_forward
-  if method.name == 'snfs' or (method.name == 'selfish' and method.scores == 'momentum'):
+  if method.scores == 'momentum':  # SNFS, Selfish with momentum growth: every step
     return dense_gradient_step / dense_step
   if method.density_schedule is not None:  # GMP: the cost follows the scheduled density
     densities = np.asarray(method.density_schedule(np.arange(total_steps)))
