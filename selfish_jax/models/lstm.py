@@ -75,9 +75,13 @@ def weighted_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
   whole time steps, so a batch sharded over devices stays sharded the same way.
   ``weights`` get no gradient.
   """
-  steps, batch = targets.shape
-  return jnp.sum(weights * softmax_nll(features.reshape(steps * batch, -1), kernel, bias,
-                                       targets.reshape(-1)).reshape(steps, batch))
+  return _plain_weighted_nll_sum(features, kernel, bias, targets, weights)
+
+
+def _plain_weighted_nll_sum(features, kernel, bias, targets, weights):
+  """``sum(weights * nll)`` over time-major ``[T, B]`` tokens, differentiated by autodiff."""
+  return jnp.sum(weights * softmax_nll(features.reshape(targets.size, -1), kernel, bias,
+                                       targets.reshape(-1)).reshape(targets.shape))
 
 
 def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_chunk):
@@ -205,13 +209,16 @@ class StackedLSTMLM(nn.Module):
     x = x.astype(dtype)  # [T, B, H]
     kernel = kernel.astype(dtype)
     steps, batch = x.shape[:2]
-    if targets is not None and weights is not None and self.loss_chunk_rows > 0:
-      loss = weighted_nll_sum(x, kernel, bias, targets.T, weights.T.astype(jnp.float32),
-                              chunk_steps(steps, batch, self.loss_chunk_rows))
+    if targets is not None and weights is not None:
+      weights = weights.T.astype(jnp.float32)
+      if self.loss_chunk_rows > 0:
+        loss = weighted_nll_sum(x, kernel, bias, targets.T, weights,
+                                chunk_steps(steps, batch, self.loss_chunk_rows))
+      else:
+        loss = _plain_weighted_nll_sum(x, kernel, bias, targets.T, weights)
       return loss, tuple(new_carry)
     if targets is not None:
       nll = softmax_nll(x.reshape(steps * batch, -1), kernel, bias, targets.T.reshape(-1))
-      nll = nll.reshape(steps, batch).T
-      return (nll if weights is None else jnp.sum(nll * weights)), tuple(new_carry)
+      return nll.reshape(steps, batch).T, tuple(new_carry)
     logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
     return jnp.swapaxes(logits, 0, 1), tuple(new_carry)
