@@ -92,6 +92,36 @@ def test_select_smallest_matches_a_stable_sort(seed):
     np.testing.assert_array_equal(chosen, expected, err_msg=f'k={k}')
 
 
+@pytest.mark.parametrize('k', [1, 5_000, 30_000, 59_000])
+def test_selection_on_a_large_array_with_many_ties_matches_a_stable_sort(k):
+  # Large enough for several counting passes; ~27,000 eligible zeros (the k=1
+  # and 5,000 cuts fall among them) exceed what a search finishes by sorting rows.
+  rng = np.random.default_rng(k)
+  n = 130_000
+  values = rng.normal(size=n).astype(np.float32)
+  values[rng.random(n) < 0.3] = 0.0
+  values[:2000] = values[2000:4000]
+  eligible = rng.random(n) < 0.7
+  expected = np.zeros(n, bool)
+  order = [i for i in np.argsort(np.abs(values), kind='stable') if eligible[i]]
+  expected[order[:k]] = True
+  chosen = select.smallest_magnitudes(jnp.asarray(values), jnp.asarray(eligible), k)
+  np.testing.assert_array_equal(chosen, expected)
+  # Largest first (the complemented float keys of gradient growth): ties again by position.
+  expected = np.zeros(n, bool)
+  order = [i for i in np.argsort(-np.abs(values), kind='stable') if eligible[i]]
+  expected[order[:k]] = True
+  chosen = select.largest_magnitudes(jnp.asarray(values), jnp.asarray(eligible), k)
+  np.testing.assert_array_equal(chosen, expected)
+  assert int(np.sum(values[eligible] == 0)) > select._FINISH_KEYS
+
+
+def test_unknown_key_space_is_rejected():
+  with pytest.raises(ValueError, match='key space'):
+    select.smallest_cut(select.smallest_magnitude_keys, (jnp.ones(8), jnp.ones(8, bool)), 2,
+                        key_space='log')
+
+
 def test_select_largest_on_signed_values():
   values = jnp.array([-3.0, 2.0, -0.5, 7.0, 2.0, -9.0])
   chosen = select.select_largest(select.sortable_keys(values), jnp.ones(6, bool), 3)

@@ -5,11 +5,13 @@ matrix. XLA's CPU sort takes seconds on the 15M-entry matrices of the paper's
 large models, so selection instead searches for the k-th key with full passes
 that only count (a compare-and-sum is a few milliseconds per 15M entries): a
 bracketing search on the 32-bit key space, started from a small sorted sample
-and refined by secant steps with bisection as the safeguard.
+and refined by secant steps with bisection as the safeguard, until the bracket
+holds a few hundred keys; the rows holding those are then gathered and sorted.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, NamedTuple
 
@@ -60,9 +62,32 @@ def random_keys(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 _PROBES = 2  # thresholds counted per pass (packed into one uint16 row sum)
 _SAMPLE = 1 << 15  # keys sampled to bracket the k-th key before the first pass
+# A search stops passing over the whole array once its bracket holds at most
+# this many keys: the rows holding them are gathered and sorted instead.
+_FINISH_KEYS = 256
 
 
 KeyFn = Callable[..., jax.Array]  # key_fn(positions, *inputs) -> uint32 keys, elementwise
+
+# How keys spread over the uint32 range, which decides where a search guesses
+# the k-th key between two counted ones: 'uniform' (linearly, e.g. hashes);
+# 'float' (keys are the bits of non-negative floats, e.g. magnitudes, whose
+# density jumps at every power of two: guesses interpolate the floats);
+# 'inverted_float' (the complement of such bits, for largest-first orders).
+KEY_SPACES = ('uniform', 'float', 'inverted_float')
+_LARGEST_FLOAT_BITS = 0x7F7FFFFF
+
+
+def _interpolate(lo: jax.Array, hi: jax.Array, fractions: jax.Array, key_space: str) -> jax.Array:
+  """Keys about ``fractions`` of the way from key ``lo`` to key ``hi``."""
+  if key_space == 'uniform':
+    return lo + (fractions * (hi - lo).astype(jnp.float32)).astype(jnp.uint32)
+  invert = (lambda key: ~key) if key_space == 'inverted_float' else (lambda key: key)
+  as_float = lambda key: jax.lax.bitcast_convert_type(
+      jnp.minimum(invert(key), jnp.uint32(_LARGEST_FLOAT_BITS)), jnp.float32)
+  low, high = as_float(lo), as_float(hi)
+  guess = jnp.maximum(low + fractions * (high - low), 0.0)
+  return invert(jax.lax.bitcast_convert_type(guess, jnp.uint32))
 
 
 def _row_length(size: int) -> int | None:
@@ -81,18 +106,19 @@ def count_true(flags: jax.Array) -> jax.Array:
   return jnp.sum(jnp.sum(rows, axis=1, dtype=jnp.int8), dtype=jnp.int32)
 
 
-def _counts_at_most(rows: jax.Array, thresholds: jax.Array) -> jax.Array:
-  """``count(keys <= t)`` for both ``thresholds``, in one pass.
+def _counts_at_most(rows: jax.Array, thresholds: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``count(keys <= t)`` for both ``thresholds``, in total and per row, in one pass.
 
   The two flags share one uint16 (low and high byte): a row of at most 127
   entries cannot carry from one byte into the other, and XLA:CPU sums uint16
   rows about three times faster per threshold than a trailing axis of flags.
+  Returns ``(counts [2] int32, row_counts [2, rows] uint8)``.
   """
   packed = ((rows <= thresholds[0]).astype(jnp.uint16)
             | ((rows <= thresholds[1]).astype(jnp.uint16) << 8))
   row_sums = jnp.sum(packed, axis=1, dtype=jnp.uint16)
-  return jnp.stack([jnp.sum(row_sums & 0xFF, dtype=jnp.int32),
-                    jnp.sum(row_sums >> 8, dtype=jnp.int32)])
+  row_counts = jnp.stack([(row_sums & 0xFF).astype(jnp.uint8), (row_sums >> 8).astype(jnp.uint8)])
+  return jnp.sum(row_counts, axis=1, dtype=jnp.int32), row_counts
 
 
 class _LazyKeys:
@@ -101,7 +127,9 @@ class _LazyKeys:
   Materialising a uint32 key per weight costs XLA:CPU more than recomputing it
   in each counting pass from the inputs it is derived from (a few cheap
   elementwise ops fused into the reduction), so keys are only materialised
-  when the size has no suitable row length.
+  when the size has no suitable row length. Keys are viewed as rows of
+  ``row_length`` entries; position ``p`` is entry ``p % row_length`` of row
+  ``p // row_length``.
   """
 
   def __init__(self, key_fn: KeyFn, inputs: tuple[jax.Array, ...]):
@@ -109,57 +137,107 @@ class _LazyKeys:
     self.size = inputs[0].size
     self._key_fn = key_fn
     self._inputs = tuple(x.ravel() for x in inputs)
-    self._length = _row_length(self.size)
-    if self._length is None:  # pad materialised keys to whole rows of 120
+    self._origin = jnp.uint32(0)  # added to every position; see `arrays`
+    length = _row_length(self.size)
+    self._lazy = length is not None
+    self.row_length = length if self._lazy else 120
+    self.num_rows = -(-self.size // self.row_length)
+    if not self._lazy:  # pad materialised keys to whole rows
       keys = key_fn(jax.lax.iota(jnp.uint32, self.size), *self._inputs)
-      self._padded = jnp.pad(keys, (0, -self.size % 120), constant_values=jnp.uint32(_UINT32_MAX))
+      self._padded = jnp.pad(keys, (0, -self.size % self.row_length),
+                             constant_values=jnp.uint32(_UINT32_MAX))
+
+  def _positions(self, row_index: jax.Array) -> jax.Array:
+    return (row_index.astype(jnp.uint32)[:, None] * jnp.uint32(self.row_length)
+            + (jax.lax.iota(jnp.uint32, self.row_length) + self._origin))
 
   def rows(self) -> jax.Array:
-    if self._length is None:
-      return self._padded.reshape(-1, 120)
-    shape = (self.size // self._length, self._length)
-    positions = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(self._length)
-                 + jax.lax.broadcasted_iota(jnp.uint32, shape, 1))
+    """All keys, ``[num_rows, row_length]``."""
+    if not self._lazy:
+      return self._padded.reshape(self.num_rows, self.row_length)
+    positions = self._positions(jax.lax.iota(jnp.uint32, self.num_rows))
+    shape = positions.shape
     return self._key_fn(positions, *(x.reshape(shape) for x in self._inputs))
+
+  def rows_at(self, row_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(keys, positions)`` of the rows ``row_index``, each ``[len(row_index), row_length]``."""
+    positions = self._positions(row_index)
+    if not self._lazy:
+      return self._padded.reshape(self.num_rows, self.row_length)[row_index], positions
+    gathered = (x.reshape(self.num_rows, self.row_length)[row_index] for x in self._inputs)
+    return self._key_fn(positions, *gathered), positions
+
+  @property
+  def arrays(self) -> tuple[jax.Array, ...]:
+    """What the passes read: the position origin (0) and the flat inputs, or
+    the materialised keys. A loop that carries them through an optimization
+    barrier keeps XLA from hoisting key computations out of it."""
+    return (self._origin, *self._inputs) if self._lazy else (self._padded,)
+
+  def with_arrays(self, arrays: tuple[jax.Array, ...]) -> '_LazyKeys':
+    """The same keys read from ``arrays`` (values of :attr:`arrays`, e.g. a loop's carry)."""
+    keys = copy.copy(self)
+    if self._lazy:
+      keys._origin, *inputs = arrays
+      keys._inputs = tuple(inputs)
+    else:
+      (keys._padded,) = arrays
+    return keys
 
   def sample(self, stride: int) -> jax.Array:
     positions = jnp.arange(0, self.size, stride, dtype=jnp.uint32)
     return self._key_fn(positions, *(x[::stride] for x in self._inputs))
 
-  def to_shape(self, rows: jax.Array) -> jax.Array:
-    return rows.ravel()[:self.size].reshape(self.shape)
+
+class _Bracket(NamedTuple):
+  """The k-th key lies in ``[lo, hi]``: ``below_lo = count(keys < lo)`` and
+  ``upto_hi = count(keys <= hi)``, in total and per row (``hi_rows_known``
+  says whether ``upto_hi_rows`` has been counted yet)."""
+  lo: jax.Array
+  hi: jax.Array
+  below_lo: jax.Array
+  upto_hi: jax.Array
+  below_lo_rows: jax.Array
+  upto_hi_rows: jax.Array
+  hi_rows_known: jax.Array
+
+  @property
+  def inside(self) -> jax.Array:
+    return self.upto_hi - self.below_lo
 
 
-def _kth_smallest(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Bracketing search for the least ``t`` with ``count(keys <= t) >= k``.
+def _narrow(keys: _LazyKeys, k: jax.Array, bracket: _Bracket, thresholds: jax.Array) -> _Bracket:
+  """One counting pass at ``thresholds`` (sorted), and the bracket it leaves."""
+  lo, hi = bracket.lo, bracket.hi
+  thresholds = jnp.clip(thresholds, lo, hi - 1)  # stays sorted
+  counts, row_counts = _counts_at_most(keys.rows(), thresholds)
+  enough = counts >= k
+  first = jnp.argmax(enough)  # first threshold with enough keys at or below it
+  found = jnp.any(enough)
+  last_short = jnp.where(found, first - 1, _PROBES - 1)
+  moved = last_short >= 0
+  short = jnp.maximum(last_short, 0)
+  return _Bracket(
+      lo=jnp.where(moved, thresholds[short] + 1, lo),
+      hi=jnp.where(found, thresholds[first], hi),
+      below_lo=jnp.where(moved, counts[short], bracket.below_lo),
+      upto_hi=jnp.where(found, counts[first], bracket.upto_hi),
+      below_lo_rows=jnp.where(moved, row_counts[short], bracket.below_lo_rows),
+      upto_hi_rows=jnp.where(found, row_counts[first], bracket.upto_hi_rows),
+      hi_rows_known=bracket.hi_rows_known | found)
 
-  Ineligible entries have key 0xFFFFFFFF. Returns ``(t, exact)``; ``exact``
-  says ``count(keys <= t) == k``, in which case ``t`` may be any key with that
-  property (the search stops early). Requires ``1 <= k <= eligible_count``.
 
+def _bracket_kth(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array,
+                 key_space: str) -> _Bracket:
+  """Narrows ``[lo, hi]`` around the k-th smallest key until it holds at most
+  ``_FINISH_KEYS`` keys, holds only one key value, or ``count(keys <= hi) == k``.
+
+  Ineligible entries have key 0xFFFFFFFF. Requires ``1 <= k <= eligible_count``.
   A sorted strided sample brackets the k-th key first; then every pass counts
   at ``_PROBES`` thresholds placed around a secant estimate on the empirical
-  CDF (spread by the expected error of the estimate), or at the thirds of the
-  bracket after a pass that did not halve it. Typically 5-10 passes.
+  CDF in ``key_space`` (spread by the expected error of the estimate), or at
+  the thirds of the bracket after a pass that did not halve it. Typically 3 passes.
   """
-
-  def update(state, thresholds):
-    lo, hi, below_lo, upto_hi = state
-    thresholds = jnp.clip(thresholds, lo, hi - 1)  # stays sorted
-    counts = _counts_at_most(keys.rows(), thresholds)
-    enough = counts >= k
-    first = jnp.argmax(enough)  # first threshold with enough keys at or below it
-    found = jnp.any(enough)
-    hi, upto_hi = (jnp.where(found, thresholds[first], hi),
-                   jnp.where(found, counts[first], upto_hi))
-    last_short = jnp.where(found, first - 1, _PROBES - 1)
-    moved = last_short >= 0
-    lo = jnp.where(moved, thresholds[last_short] + 1, lo)
-    below_lo = jnp.where(moved, counts[last_short], below_lo)
-    return lo, hi, below_lo, upto_hi
-
-  # Bracket from a sample: its quantiles around k / eligible_count, +-4 sigma.
   sample = jnp.sort(keys.sample(max(1, keys.size // _SAMPLE)))
   sampled = jnp.sum(sample != jnp.uint32(_UINT32_MAX), dtype=jnp.int32)
   q = k.astype(jnp.float32) / eligible_count.astype(jnp.float32)
@@ -167,32 +245,89 @@ def _kth_smallest(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array
   at = lambda x: sample[jnp.clip(x.astype(jnp.int32), 0, jnp.maximum(sampled - 1, 0))]
   low = at(jnp.floor((q - 4 * sigma) * sampled) - 2)
   high = at(jnp.ceil((q + 4 * sigma) * sampled) + 1)
-  state = (jnp.uint32(0), jnp.uint32(_UINT32_MAX - 1), jnp.int32(0), eligible_count)
-  state = update(state, jnp.stack([low, high]))
+  no_rows = jnp.zeros((keys.num_rows,), jnp.uint8)
+  bracket = _Bracket(jnp.uint32(0), jnp.uint32(_UINT32_MAX - 1), jnp.int32(0), eligible_count,
+                     no_rows, no_rows, jnp.bool_(False))
+  bracket = _narrow(keys, k, bracket, jnp.stack([low, high]))
 
-  def cond(carry):
-    (lo, hi, _, upto_hi), _ = carry
-    return (lo < hi) & (upto_hi != k)
+  def searching(carry):
+    b, _, _ = carry
+    return (b.lo < b.hi) & (b.upto_hi != k) & (b.inside > _FINISH_KEYS)
 
-  def body(carry):
-    (lo, hi, below_lo, upto_hi), bisect = carry
-    in_bracket = upto_hi - below_lo
-    width = (hi - lo).astype(jnp.float32)
-    fraction = (k - below_lo).astype(jnp.float32) / jnp.maximum(in_bracket, 1).astype(jnp.float32)
-    # Expected error of the estimate: ~sqrt(n) keys while many are in the
-    # bracket, then one key gap.
-    spread = jnp.where(in_bracket > 64, 2.0 / jnp.sqrt(in_bracket.astype(jnp.float32)),
-                       1.0 / jnp.maximum(in_bracket, 1).astype(jnp.float32))
-    offsets = jnp.array([-1.0, 1.0], jnp.float32) * spread
-    secant = jnp.clip(fraction + offsets, 0.0, 1.0)
-    thirds = jnp.array([1 / 3, 2 / 3], jnp.float32)
-    where = jnp.where(bisect, thirds, secant)
-    thresholds = lo + (where * width).astype(jnp.uint32)
-    new = update((lo, hi, below_lo, upto_hi), thresholds)
-    return new, 2 * (new[3] - new[2]) > in_bracket
+  def narrow(carry):
+    b, bisect, arrays = carry
+    # The barrier hides that the inputs never change, so XLA recomputes the
+    # keys inside each pass instead of hoisting them out of the loop into a
+    # materialised uint32 array (more bytes to read than the inputs).
+    arrays = jax.lax.optimization_barrier(arrays)
+    loop_keys = keys.with_arrays(arrays)
+    width = (b.hi - b.lo).astype(jnp.float32)
+    inside = b.inside.astype(jnp.float32)
+    fraction = (k - b.below_lo).astype(jnp.float32) / inside
+    # Expected error of the estimate: ~sqrt(n) of the n keys in the bracket,
+    # plus, for floats, the curvature of their CDF across the bracket (about
+    # an eighth of the bracket's share of all keys for smooth densities).
+    spread = 2.0 / jnp.sqrt(inside)
+    if key_space != 'uniform':
+      spread += 0.25 * inside / eligible_count.astype(jnp.float32)
+    secant = jnp.clip(fraction + jnp.array([-1.0, 1.0], jnp.float32) * spread, 0.0, 1.0)
+    thirds = b.lo + (jnp.array([1 / 3, 2 / 3], jnp.float32) * width).astype(jnp.uint32)
+    guesses = jnp.where(bisect, thirds, _interpolate(b.lo, b.hi, secant, key_space))
+    new = _narrow(loop_keys, k, b, jnp.sort(guesses))
+    return new, 2 * new.inside > b.inside, arrays
 
-  (_, hi, _, upto_hi), _ = jax.lax.while_loop(cond, body, (state, jnp.bool_(False)))
-  return hi, upto_hi == k
+  bracket, _, _ = jax.lax.while_loop(searching, narrow,
+                                     (bracket, jnp.bool_(False), keys.arrays))
+  return bracket
+
+
+def _kth_in_bracket(keys: _LazyKeys, k: jax.Array, bracket: _Bracket
+                    ) -> tuple[jax.Array, jax.Array]:
+  """``(key, position)`` of the k-th smallest pair when the bracket holds at
+  most ``_FINISH_KEYS`` keys: only the rows holding them are gathered and sorted."""
+  upto_hi_rows = jax.lax.cond(
+      bracket.hi_rows_known, lambda: bracket.upto_hi_rows,
+      lambda: _counts_at_most(keys.rows(), jnp.stack([bracket.hi, bracket.hi]))[1][0])
+  holding = upto_hi_rows > bracket.below_lo_rows
+  (row_index,) = jnp.nonzero(holding, size=_FINISH_KEYS, fill_value=0)
+  real_row = jnp.arange(_FINISH_KEYS) < count_true(holding)
+  row_keys, row_positions = keys.rows_at(row_index)
+  inside = real_row[:, None] & (row_keys >= bracket.lo) & (row_keys <= bracket.hi)
+  never = jnp.uint32(_UINT32_MAX)
+  sorted_keys, sorted_positions = jax.lax.sort(
+      (jnp.where(inside, row_keys, never).ravel(), jnp.where(inside, row_positions, never).ravel()),
+      num_keys=2)
+  rank = k - bracket.below_lo - 1
+  return sorted_keys[rank], sorted_positions[rank]
+
+
+def _kth_smallest(keys: _LazyKeys, key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
+                  eligible_count: jax.Array, key_space: str, distinct: bool = False
+                  ) -> tuple[jax.Array, jax.Array]:
+  """``(key, position)`` such that exactly ``k`` entries have ``(key, position)``
+  at most it in lexicographic order (see :class:`Cut`).
+
+  ``distinct`` promises that eligible keys never tie (a search over positions).
+  """
+  bracket = _bracket_kth(keys, k, eligible_count, key_space)
+  never = jnp.uint32(_UINT32_MAX)
+  if distinct:
+    tied = lambda: (bracket.hi, never)  # lo == hi with distinct keys: a single key
+  else:
+    def tied():
+      # More than _FINISH_KEYS entries share the key: find the position of the
+      # last tie to take by the same search over the ties' (distinct) positions.
+      lo = bracket.lo
+      tie_fn = lambda pos, *xs: jnp.where(key_fn(pos, *xs) == lo, pos, never)
+      ties = _LazyKeys(tie_fn, inputs)
+      position, _ = _kth_smallest(ties, tie_fn, inputs, k - bracket.below_lo, bracket.inside,
+                                  'uniform', distinct=True)
+      return lo, position
+
+  return jax.lax.cond(
+      bracket.upto_hi == k, lambda: (bracket.hi, never),
+      lambda: jax.lax.cond(bracket.inside <= _FINISH_KEYS,
+                           lambda: _kth_in_bracket(keys, k, bracket), tied))
 
 
 class Cut(NamedTuple):
@@ -217,45 +352,33 @@ def positions(shape: tuple[int, ...]) -> jax.Array:
 
 
 def smallest_cut(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
-                 eligible_count: jax.Array | None = None) -> Cut:
+                 eligible_count: jax.Array | None = None, key_space: str = 'uniform') -> Cut:
   """The :class:`Cut` choosing exactly ``min(k, eligible)`` entries with the smallest keys.
 
   ``key_fn(positions, *inputs)`` maps flat uint32 positions and the inputs'
   matching entries to uint32 keys, 0xFFFFFFFF marking ineligible entries
   (eligible keys must be below it). It is applied elementwise inside every
   counting pass, so it must be cheap. ``k`` may be traced: nothing recompiles
-  as it changes. ``eligible_count``, if known, saves one pass.
+  as it changes. ``eligible_count``, if known, saves one pass. ``key_space``
+  (one of :data:`KEY_SPACES`) only steers the search's guesses, never the result.
   """
+  if key_space not in KEY_SPACES:
+    raise ValueError(f'unknown key space {key_space!r}; expected one of {KEY_SPACES}')
   keys = _LazyKeys(key_fn, inputs)
   if eligible_count is None:
     eligible_count = count_true(keys.rows() != jnp.uint32(_UINT32_MAX))
   eligible_count = jnp.asarray(eligible_count, jnp.int32)
   k = jnp.minimum(jnp.asarray(k, jnp.int32), eligible_count)
-
-  def find(k):
-    threshold, exact = _kth_smallest(keys, k, eligible_count)
-
-    def tie_position(_):
-      # Only when ties straddle the boundary: the position of the last tie to
-      # take, found by the same search over the ties' (distinct) positions.
-      ties = _LazyKeys(lambda pos, *xs: jnp.where(key_fn(pos, *xs) == threshold, pos,
-                                                  jnp.uint32(_UINT32_MAX)), inputs)
-      needed = k - count_true(keys.rows() < threshold)
-      tie_count = count_true(ties.rows() != jnp.uint32(_UINT32_MAX))
-      return _kth_smallest(ties, needed, tie_count)[0]
-
-    position = jax.lax.cond(exact, lambda _: jnp.uint32(_UINT32_MAX), tie_position, None)
-    return threshold, position
-
-  threshold, position = jax.lax.cond(k > 0, find,
-                                     lambda _: (jnp.uint32(0), jnp.uint32(0)), k)
+  threshold, position = jax.lax.cond(
+      k > 0, lambda: _kth_smallest(keys, key_fn, inputs, k, eligible_count, key_space),
+      lambda: (jnp.uint32(0), jnp.uint32(0)))
   return Cut(threshold, position, k > 0)
 
 
 def smallest_by(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
-                eligible_count: jax.Array | None = None) -> jax.Array:
+                eligible_count: jax.Array | None = None, key_space: str = 'uniform') -> jax.Array:
   """Boolean mask of the entries :func:`smallest_cut` chooses."""
-  cut = smallest_cut(key_fn, inputs, k, eligible_count)
+  cut = smallest_cut(key_fn, inputs, k, eligible_count, key_space)
   where = positions(inputs[0].shape)
   return cut.chosen(key_fn(where, *inputs), where)
 
@@ -302,13 +425,14 @@ def random_order_keys(key: jax.Array) -> KeyFn:
 def smallest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
                         eligible_count: jax.Array | None = None) -> jax.Array:
   """The ``k`` eligible entries with the smallest ``|values|`` (keys never materialised)."""
-  return smallest_by(smallest_magnitude_keys, (values, eligible), k, eligible_count)
+  return smallest_by(smallest_magnitude_keys, (values, eligible), k, eligible_count, 'float')
 
 
 def largest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
                        eligible_count: jax.Array | None = None) -> jax.Array:
   """The ``k`` eligible entries with the largest ``|values|``."""
-  return smallest_by(largest_magnitude_keys, (values, eligible), k, eligible_count)
+  return smallest_by(largest_magnitude_keys, (values, eligible), k, eligible_count,
+                     'inverted_float')
 
 
 def random_subset(key: jax.Array, eligible: jax.Array, k: jax.Array,
