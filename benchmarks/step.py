@@ -4,9 +4,13 @@ r"""Speed of one configuration: train step, evaluation and topology update.
 
 Prints one JSON object: compile time, train-step time percentiles and tokens/s
 (after warm-up, >= 50 timed steps), evaluation tokens/s, one topology update's
-time, and the achieved GFLOP/s of the train step (XLA's FLOP count of the
-compiled step). Inputs are random tokens of the dataset's vocabulary size, so no
-data is needed; seeds are fixed.
+time, and the achieved GFLOP/s of the train step: the weight products a step
+executes, 3x the dense forward FLOPs per token (see ``selfish_jax.flops``; the
+step multiplies dense matrices whatever their masks), divided by its median
+time. Inputs are random tokens of the dataset's vocabulary size, so no data is
+needed; seeds are fixed. Like ``experiments.main`` it first keeps freed host
+memory for reuse (``selfish_jax.host``); ``--noretain_freed_memory`` measures
+without that.
 """
 
 import functools
@@ -20,6 +24,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from selfish_jax import config as config_lib
+from selfish_jax import flops as flops_lib
+from selfish_jax import host
 from selfish_jax import sparsity
 from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.training import steps, train
@@ -28,22 +34,14 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _STEPS = flags.DEFINE_integer('steps', 60, 'Timed train steps (after warm-up).')
 _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed train steps after compilation.')
 _TOPOLOGY_REPEATS = flags.DEFINE_integer('topology_repeats', 3, 'Timed topology updates.')
+_RETAIN_FREED_MEMORY = flags.DEFINE_bool(
+    'retain_freed_memory', True, 'Keep freed host memory for reuse (selfish_jax.host).')
 flags.mark_flags_as_required(['config'])
 
 
 def _block(tree):
   jax.block_until_ready(tree)
   return tree
-
-
-def _flops(compiled) -> float | None:
-  try:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-      analysis = analysis[0]
-    return float(analysis['flops'])
-  except Exception:  # cost analysis is backend dependent
-    return None
 
 
 def benchmark(config) -> dict:
@@ -97,7 +95,9 @@ def benchmark(config) -> dict:
       durations.append(time.perf_counter() - start)
     topology_s = float(np.median(durations))
 
-  flops = _flops(compiled)
+  dense_masks = jax.tree.map(lambda _: None, state.params)
+  flops = 3 * tokens * flops_lib.forward_flops_per_token(state.params, dense_masks,
+                                                         tied=config.tied)
   p50 = float(np.percentile(step_ms, 50))
   return {
       'config': {k: config[k] for k in ('dataset', 'emsize', 'nhid', 'nlayers', 'batch_size',
@@ -110,14 +110,16 @@ def benchmark(config) -> dict:
       'compile_s': compile_s,
       'eval_tokens_per_s': eval_tokens_per_s,
       'topology_update_s': topology_s,
-      'step_gflop': None if flops is None else flops / 1e9,
-      'gflops_per_s': None if flops is None else flops / 1e9 / (p50 / 1000),
+      'step_gflop': flops / 1e9,
+      'gflops_per_s': flops / 1e9 / (p50 / 1000),
       'timed_steps': _STEPS.value,
   }
 
 
 def main(argv):
   del argv
+  if _RETAIN_FREED_MEMORY.value:
+    host.retain_freed_memory()
   print(json.dumps(benchmark(_CONFIG.value), indent=1))
 
 

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 import numpy as np
 from ml_collections import config_flags
 
-from selfish_jax import optim
+from selfish_jax import host, optim
 from selfish_jax.errors import UserError
 from selfish_jax.sparsity import methods as methods_lib
 from selfish_jax.training import metrics, train
@@ -194,6 +194,7 @@ def write_report(rows: list[dict], workdir: str) -> None:
 
 def main(argv):
   del argv
+  host.retain_freed_memory()  # XLA:CPU re-allocates its buffers every step
   base = _CONFIG.value
   workdir = _WORKDIR.value
   lrs = {k: float(v) for k, v in (item.split(':') for item in _LRS.value)}

@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from selfish_jax import host
 from selfish_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an experiment config file.',
@@ -55,6 +56,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  host.retain_freed_memory()  # XLA:CPU re-allocates its buffers every step
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
