@@ -90,7 +90,6 @@ def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_ch
     raise ValueError(f'{steps_per_chunk} steps per chunk do not divide {steps} steps')
   num_chunks, rows = steps // steps_per_chunk, steps_per_chunk * batch
   chunked = lambda a: a.reshape(num_chunks, rows, *a.shape[1:])  # a: [T * B, ...]
-  kernel_t = kernel.T  # [vocab, H]: the input-gradient product in its fast layout
 
   def chunk(carry, inputs):
     d_kernel, d_bias = carry
@@ -102,7 +101,9 @@ def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_ch
     target_logits = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
     loss = jnp.sum(w * (jnp.log(total) + shift[:, 0] - target_logits))
     d_logits = (exp * (w / total)[:, None]).at[jnp.arange(rows), y].add(-w)
-    d_x = jnp.dot(d_logits.astype(x.dtype), kernel_t, preferred_element_type=jnp.float32)
+    # Contracting the kernel's vocabulary axis in place: no transposed copy.
+    d_x = jax.lax.dot_general(d_logits.astype(x.dtype), kernel, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
     d_kernel = d_kernel + jnp.dot(x.T, d_logits.astype(x.dtype),
                                   preferred_element_type=jnp.float32)
     return (d_kernel, d_bias + jnp.sum(d_logits, axis=0)), (loss, d_x.astype(x.dtype))
