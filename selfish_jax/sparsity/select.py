@@ -293,10 +293,13 @@ def _kth_in_bracket(keys: _LazyKeys, k: jax.Array, bracket: _Bracket
   real_row = jnp.arange(_FINISH_KEYS) < count_true(holding)
   row_keys, row_positions = keys.rows_at(row_index)
   inside = real_row[:, None] & (row_keys >= bracket.lo) & (row_keys <= bracket.hi)
+  # At most _FINISH_KEYS of the gathered entries are inside: sort only those.
+  (entry,) = jnp.nonzero(inside.ravel(), size=_FINISH_KEYS, fill_value=0)
+  real_entry = jnp.arange(_FINISH_KEYS) < bracket.inside
   never = jnp.uint32(_UINT32_MAX)
   sorted_keys, sorted_positions = jax.lax.sort(
-      (jnp.where(inside, row_keys, never).ravel(), jnp.where(inside, row_positions, never).ravel()),
-      num_keys=2)
+      (jnp.where(real_entry, row_keys.ravel()[entry], never),
+       jnp.where(real_entry, row_positions.ravel()[entry], never)), num_keys=2)
   rank = k - bracket.below_lo - 1
   return sorted_keys[rank], sorted_positions[rank]
 
