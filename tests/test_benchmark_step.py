@@ -1,0 +1,21 @@
+import json
+import subprocess
+import sys
+
+
+def test_benchmark_prints_the_promised_figures():
+  # A tiny model: this checks the output, not the speed.
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.step', '--config=experiments/configs/ptb_lstm_small.py',
+       '--config.emsize=8', '--config.nhid=8', '--config.batch_size=4', '--config.bptt=5',
+       '--steps=3', '--warmup=1', '--topology_repeats=1'],
+      capture_output=True, text=True, check=True, timeout=300)
+  figures = json.loads(result.stdout)
+  for key in ('tokens_per_s', 'step_ms_p10', 'step_ms_p50', 'step_ms_p90', 'compile_s',
+              'eval_tokens_per_s', 'topology_update_s', 'gflops_per_s'):
+    assert figures[key] > 0, key
+  assert figures['step_ms_p10'] <= figures['step_ms_p50'] <= figures['step_ms_p90']
+  assert figures['tokens_per_s'] * figures['step_ms_p50'] / 1000 == 4 * 5
+  # 3 x (2 FLOPs per weight of the two LSTM layers and the decoder) per token, 20 tokens.
+  lstm = 2 * (8 * 32 + 8 * 32)
+  assert figures['step_gflop'] * 1e9 == 3 * 20 * 2 * (lstm + 8 * 10_000)
