@@ -133,7 +133,6 @@ class _LazyKeys:
   """
 
   def __init__(self, key_fn: KeyFn, inputs: tuple[jax.Array, ...]):
-    self.shape = inputs[0].shape
     self.size = inputs[0].size
     self._key_fn = key_fn
     self._inputs = tuple(x.ravel() for x in inputs)
@@ -261,7 +260,6 @@ def _bracket_kth(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array,
     # materialised uint32 array (more bytes to read than the inputs).
     arrays = jax.lax.optimization_barrier(arrays)
     loop_keys = keys.with_arrays(arrays)
-    width = (b.hi - b.lo).astype(jnp.float32)
     inside = b.inside.astype(jnp.float32)
     fraction = (k - b.below_lo).astype(jnp.float32) / inside
     # Expected error of the estimate: ~sqrt(n) of the n keys in the bracket,
@@ -271,7 +269,7 @@ def _bracket_kth(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array,
     if key_space != 'uniform':
       spread += 0.25 * inside / eligible_count.astype(jnp.float32)
     secant = jnp.clip(fraction + jnp.array([-1.0, 1.0], jnp.float32) * spread, 0.0, 1.0)
-    thirds = b.lo + (jnp.array([1 / 3, 2 / 3], jnp.float32) * width).astype(jnp.uint32)
+    thirds = _interpolate(b.lo, b.hi, jnp.array([1 / 3, 2 / 3], jnp.float32), 'uniform')
     guesses = jnp.where(bisect, thirds, _interpolate(b.lo, b.hi, secant, key_space))
     new = _narrow(loop_keys, k, b, jnp.sort(guesses))
     return new, 2 * new.inside > b.inside, arrays
