@@ -58,7 +58,30 @@ def test_rigl_grows_the_inactive_entries_with_largest_gradient():
   grown = np.zeros(m.size, bool)
   grown[np.argsort(-candidates, kind='stable')[:k]] = True
   np.testing.assert_array_equal(np.asarray(new_masks['a']).ravel(), survivors.ravel() | grown)
-  assert np.all(np.asarray(new_params['a'])[grown.reshape(m.shape)] == 0)
+  np.testing.assert_array_equal(np.asarray(new_params['a']), np.where(m & np.asarray(
+      new_masks['a']), w, 0))
+
+
+@pytest.mark.parametrize('name', ['selfish', 'set', 'rigl', 'snfs', 'dsr'])
+def test_weights_regrown_where_they_were_removed_keep_their_values(name):
+  # The reference only changes masks, then multiplies the untouched weights by
+  # the final mask: active before and after keeps its value, newly grown is 0.
+  params, masks = _problem(density=0.33)
+  method = _make(name, death_rate=0.8, density=0.33, dsr_initial_threshold=0.5)
+  scores = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape).astype(np.float32)), params)
+  new_params, new_masks, _ = jax.jit(method.update)(params, masks, method.initial_state,
+                                                    jax.random.key(3), 0, scores)
+  kept_back = 0
+  for k in ('a', 'b'):
+    w, old, new = (np.asarray(x[k]) for x in (params, masks, new_masks))
+    np.testing.assert_array_equal(np.asarray(new_params[k]), np.where(old & new, w, 0))
+    removal_ranks = np.argsort(np.argsort(np.abs(np.where(old, w, np.inf)).ravel(), kind='stable'))
+    removed_then_regrown = old & new & (removal_ranks.reshape(w.shape) < math.ceil(
+        0.8 * old.sum()))
+    kept_back += int(np.sum(removed_then_regrown & (w != 0)))
+  np.testing.assert_array_equal(new_params['bias'], params['bias'])
+  if name in ('selfish', 'snfs', 'rigl'):  # magnitude removal: the ranks above are the removed
+    assert kept_back > 0  # the case the rule is about does occur here
 
 
 def test_rigl_updates_every_delta_t_until_the_end_with_cosine_drop_fraction():
@@ -117,10 +140,24 @@ def test_dsr_threshold_moves_toward_the_target_and_total_is_exact():
   # Far too few removals at 1e-4: the threshold doubles until the removals near the target.
   assert thresholds[1] == 2 * thresholds[0]
   assert thresholds[-1] > 100 * thresholds[0]
-  # Regrown weights start at zero, so the threshold eventually removes about the target.
+  # The next update removes exactly the active weights below the threshold, regrows as many
+  # split by surviving weights, and moves the threshold by the removed count against the target.
+  threshold = thresholds[-1]
   params2, masks2, state2 = update(params, masks, state, jax.random.key(99), 0)
-  del params2, masks2
-  assert float(state2['threshold']) in (thresholds[-1], 2 * thresholds[-1], thresholds[-1] / 2)
+  removed, survivors = 0, {}
+  for k in ('a', 'b'):
+    w, m = np.asarray(params[k]), np.asarray(masks[k])
+    survivors[k] = m & (np.abs(w) >= threshold)
+    removed += int(m.sum() - survivors[k].sum())
+    assert np.all(np.asarray(masks2[k])[survivors[k]])  # survivors stay
+  grown = {k: _count(masks2[k]) - int(survivors[k].sum()) for k in ('a', 'b')}
+  assert sum(grown.values()) == removed > 0
+  kept = {k: int(survivors[k].sum()) for k in ('a', 'b')}
+  assert grown['a'] == pytest.approx(removed * kept['a'] / (kept['a'] + kept['b']), abs=1)
+  target = 0.5 * total  # death rate 0.5 at step 0
+  expected = (2 * threshold if removed < 0.9 * target else
+              threshold / 2 if removed > 1.1 * target else threshold)
+  assert float(state2['threshold']) == pytest.approx(expected, rel=1e-6)
 
 
 def test_allocate_is_exact_proportional_and_capped():
@@ -142,7 +179,7 @@ def test_gmp_follows_the_cubic_schedule_exactly():
     expected = 0.2 + 0.8 * (1 - min(step / 500, 1.0)) ** 3
     assert _count(masks['a']) == round(expected * 1200), step
   assert _count(masks['a']) == 240
-  assert float(methods.gmp_density(250, 0.2, 0, 500)) == pytest.approx(0.2 + 0.8 * 0.125)
+  assert float(methods.gmp_density_schedule(0.2, 0, 500)(250)) == pytest.approx(0.2 + 0.8 * 0.125)
 
 
 def test_gmp_reaches_the_exact_target_when_its_end_is_not_an_update_step():

@@ -22,11 +22,11 @@ updates (DSR's threshold). Step-dependent rates are computed from the traced
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks as masks_lib
@@ -53,6 +53,8 @@ class Method:
     last_step: no step-based updates after this step.
     update: the topology update, or None for methods that never change it.
     initial_state: the method's state before the first update.
+    removal_rate: the fraction of active weights an update at a step removes
+      (an optax schedule; DSR's target for its threshold), or None.
     density_schedule: density as a function of the step, for methods whose
       density changes (GMP); None when it stays at ``density``.
   """
@@ -65,7 +67,8 @@ class Method:
   last_step: int = 0
   update: UpdateFn | None = None
   initial_state: PyTree = dataclasses.field(default_factory=dict)
-  density_schedule: Callable[[jax.Array], jax.Array] | None = None
+  removal_rate: optax.Schedule | None = None
+  density_schedule: optax.Schedule | None = None
 
   @property
   def sparse(self) -> bool:
@@ -117,8 +120,7 @@ def allocate(total: jax.Array, weights: jax.Array, capacity: jax.Array) -> jax.A
 # ----------------------------------------------------------------------------- updates
 
 
-def _per_matrix_update(death_rate: Callable[[jax.Array], jax.Array], removal: str,
-                       growth: str) -> UpdateFn:
+def _per_matrix_update(death_rate: optax.Schedule, removal: str, growth: str) -> UpdateFn:
   """Removal and regrowth of ``ceil(rate * active)`` in every matrix (Selfish-RNN, SET, RigL)."""
 
   def update(params, masks, state, key, step, scores=None):
@@ -130,38 +132,57 @@ def _per_matrix_update(death_rate: Callable[[jax.Array], jax.Array], removal: st
   return update
 
 
-def _redistributing_update(death_rate: Callable[[jax.Array], jax.Array]) -> UpdateFn:
+def _regrow_budget(flat_params: list, flat_masks: list, survivors: dict[int, jax.Array],
+                   total: jax.Array, weights: jax.Array,
+                   grow: Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+                   ) -> tuple[list, list]:
+  """Regrows ``total`` weights split over the matrices in ``survivors`` (index -> mask).
+
+  Matrix ``i`` gets a share of ``total`` proportional to its entry of
+  ``weights`` (capped by its free positions) and
+  ``grow(i, eligible, count, free_count)`` picks the positions. Weights keep
+  their values where active before and after (:func:`topology.keep_weights`).
+  Shared by the methods whose budget moves between matrices (SNFS, DSR).
+  """
+  order = list(survivors)
+  capacity = jnp.stack([flat_masks[i].size - select.count_true(survivors[i]) for i in order])
+  shares = allocate(total, weights, capacity.astype(jnp.int32))
+  new_params, new_masks = list(flat_params), list(flat_masks)
+  for j, i in enumerate(order):
+    new_masks[i] = survivors[i] | grow(i, ~survivors[i], shares[j], capacity[j])
+    new_params[i] = topology.keep_weights(flat_params[i], flat_masks[i], new_masks[i])
+  return new_params, new_masks
+
+
+def _redistributing_update(death_rate: optax.Schedule) -> UpdateFn:
   """SNFS: magnitude removal per matrix; the total regrown by largest momentum,
   split across matrices in proportion to their mean momentum magnitude."""
 
   def update(params, masks, state, key, step, scores=None):
     del key
-    flat_masks, treedef, (flat_params, flat_scores) = masks_lib.flatten_with_masks(masks, params, scores)
+    flat_masks, treedef, (flat_params, flat_scores) = masks_lib.flatten_with_masks(
+        masks, params, scores)
     rate = death_rate(step)
-    sparse = [i for i, m in enumerate(flat_masks) if m is not None]
-    survivors, removed, momentum, capacity = {}, [], [], []
-    for i in sparse:
-      p, m, s = flat_params[i], flat_masks[i], flat_scores[i]
+    survivors, removed, momentum = {}, 0, []
+    for i, (p, m, s) in enumerate(zip(flat_params, flat_masks, flat_scores)):
+      if m is None:
+        continue
       active = select.count_true(m)
       count = topology.num_to_remove(active, rate)
       survivors[i] = m & ~select.smallest_magnitudes(p, m, count, active)
-      removed.append(count)
+      removed = removed + count
       momentum.append(jnp.sum(jnp.where(m, jnp.abs(s), 0.0)) / jnp.maximum(active, 1))
-      capacity.append(m.size - (active - count))
-    shares = allocate(sum(removed), jnp.stack(momentum), jnp.stack(capacity).astype(jnp.int32))
-    new_params, new_masks = list(flat_params), list(flat_masks)
-    for j, i in enumerate(sparse):
-      grown = select.largest_magnitudes(flat_scores[i], ~survivors[i], shares[j], capacity[j])
-      new_masks[i] = survivors[i] | grown
-      new_params[i] = jnp.where(survivors[i], flat_params[i], 0.0)
+    grow = lambda i, eligible, count, free: select.largest_magnitudes(
+        flat_scores[i], eligible, count, free)
+    new_params, new_masks = _regrow_budget(flat_params, flat_masks, survivors, removed,
+                                           jnp.stack(momentum), grow)
     return (jax.tree_util.tree_unflatten(treedef, new_params),
             jax.tree_util.tree_unflatten(treedef, new_masks), state)
 
   return update
 
 
-def _threshold_update(death_rate: Callable[[jax.Array], jax.Array],
-                      tolerance: float = 0.1) -> UpdateFn:
+def _threshold_update(death_rate: optax.Schedule, tolerance: float = 0.1) -> UpdateFn:
   """DSR: remove every active weight below one global threshold ``H``; regrow
   as many at random, split across matrices in proportion to their surviving
   weights; then move ``H`` toward removing ``rate * active`` next time
@@ -171,24 +192,20 @@ def _threshold_update(death_rate: Callable[[jax.Array], jax.Array],
     del scores
     flat_masks, treedef, (flat_params,) = masks_lib.flatten_with_masks(masks, params)
     threshold = state['threshold']
-    sparse = [i for i, m in enumerate(flat_masks) if m is not None]
-    survivors, kept, capacity, removed, active_total = {}, [], [], 0, 0
-    for i in sparse:
-      p, m = flat_params[i], flat_masks[i]
+    survivors, kept, removed, active_total = {}, [], 0, 0
+    for i, (p, m) in enumerate(zip(flat_params, flat_masks)):
+      if m is None:
+        continue
       survivors[i] = m & (jnp.abs(p) >= threshold)
       alive = select.count_true(survivors[i])
       active = select.count_true(m)
       removed = removed + active - alive
       active_total = active_total + active
       kept.append(alive)
-      capacity.append(m.size - alive)
-    shares = allocate(removed, jnp.stack(kept).astype(jnp.float32), jnp.stack(capacity))
-    keys = jax.random.split(key, len(sparse))
-    new_params, new_masks = list(flat_params), list(flat_masks)
-    for j, i in enumerate(sparse):
-      grown = select.random_subset(keys[j], ~survivors[i], shares[j], capacity[j])
-      new_masks[i] = survivors[i] | grown
-      new_params[i] = jnp.where(survivors[i], flat_params[i], 0.0)
+    keys = dict(zip(survivors, jax.random.split(key, len(survivors))))
+    grow = lambda i, eligible, count, free: select.random_subset(keys[i], eligible, count, free)
+    new_params, new_masks = _regrow_budget(flat_params, flat_masks, survivors, removed,
+                                           jnp.stack(kept).astype(jnp.float32), grow)
     target = death_rate(step) * active_total.astype(jnp.float32)
     removed = removed.astype(jnp.float32)
     threshold = jnp.where(removed < (1 - tolerance) * target, threshold * 2.0,
@@ -199,18 +216,18 @@ def _threshold_update(death_rate: Callable[[jax.Array], jax.Array],
   return update
 
 
-def gmp_density(step: jax.Array, final_density: float, begin: int, end: int) -> jax.Array:
+def gmp_density_schedule(final_density: float, begin: int, end: int) -> optax.Schedule:
   """Zhu & Gupta's cubic schedule: 1 before ``begin``, ``final_density`` from ``end``."""
-  progress = jnp.clip((jnp.asarray(step, jnp.float32) - begin) / max(end - begin, 1), 0.0, 1.0)
-  return final_density + (1.0 - final_density) * (1.0 - progress) ** 3
+  return optax.polynomial_schedule(1.0, final_density, power=3,
+                                   transition_steps=max(end - begin, 1), transition_begin=begin)
 
 
-def _pruning_update(final_density: float, begin: int, end: int) -> UpdateFn:
+def _pruning_update(density_schedule: optax.Schedule) -> UpdateFn:
   """GMP: prune each matrix to ``round(density(step) * size)`` by magnitude, no regrowth."""
 
   def update(params, masks, state, key, step, scores=None):
     del key, scores
-    density = gmp_density(step, final_density, begin, end)
+    density = density_schedule(step)
 
     def prune(p, m):
       keep = jnp.round(density * m.size).astype(jnp.int32)
@@ -256,23 +273,27 @@ def make_method(name: str, *, density: float, sparse_init: str = 'uniform',
   if name == 'selfish':
     if growth not in topology.GROWTH_MODES:
       raise ConfigError(f'unknown growth {growth!r}; expected one of {topology.GROWTH_MODES}')
-    return Method(**common, scores=None if growth == 'random' else growth,
+    return Method(**common, scores=None if growth == 'random' else growth, removal_rate=cosine,
                   update=_per_matrix_update(cosine, 'magnitude', growth))
   if name == 'set':
-    return Method(**common, update=_per_matrix_update(cosine, 'set', 'random'))
+    return Method(**common, removal_rate=cosine, update=_per_matrix_update(cosine, 'set', 'random'))
   if name == 'rigl':
-    rigl_rate = lambda step: 0.5 * death_rate * (
-        1 + jnp.cos(math.pi * jnp.minimum(jnp.asarray(step, jnp.float32), end_step) / end_step))
+    # RigL's drop fraction: cosine from death_rate to 0 at the last update.
+    rigl_rate = optax.cosine_decay_schedule(death_rate, end_step) if death_rate > 0 else (
+        optax.constant_schedule(0.0))
     return Method(**common, scores='gradient', every_steps=every_steps, last_step=end_step,
+                  removal_rate=rigl_rate,
                   update=_per_matrix_update(rigl_rate, 'magnitude', 'gradient'))
   if name == 'snfs':
-    return Method(**common, scores='momentum', update=_redistributing_update(cosine))
+    return Method(**common, scores='momentum', removal_rate=cosine,
+                  update=_redistributing_update(cosine))
   if name == 'dsr':
-    return Method(**common, update=_threshold_update(cosine),
+    return Method(**common, removal_rate=cosine, update=_threshold_update(cosine),
                   initial_state={'threshold': jnp.float32(dsr_initial_threshold)})
   begin = int(gmp_begin_fraction * total_steps)
   # The schedule ends on an update step, so the last prune reaches the target count exactly.
   prune_end = max(every_steps, end_step - end_step % every_steps)
+  density_schedule = gmp_density_schedule(density, begin, prune_end)
   return Method(name='gmp', density=density, start_dense=True, every_steps=every_steps,
-                last_step=prune_end, update=_pruning_update(density, begin, prune_end),
-                density_schedule=lambda step: gmp_density(step, density, begin, prune_end))
+                last_step=prune_end, update=_pruning_update(density_schedule),
+                density_schedule=density_schedule)

@@ -8,11 +8,11 @@ kernel compete for one budget. Counts are exact: each leaf loses
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import select
@@ -24,9 +24,8 @@ GROWTH_MODES = ('random', 'gradient', 'momentum')
 REMOVAL_MODES = ('magnitude', 'set')
 
 
-def death_rate_schedule(initial: float, decay_steps: int, final: float = 0.005
-                        ) -> Callable[[jax.Array], jax.Array]:
-  """Cosine decay of the removal fraction per step, clamped at ``final``.
+def death_rate_schedule(initial: float, decay_steps: int, final: float = 0.005) -> optax.Schedule:
+  """Cosine decay of the removal fraction per step, clamped at ``final`` (an optax schedule).
 
   ``final + (initial - final) * (1 + cos(pi * min(step, decay_steps) / decay_steps)) / 2``.
   The reference steps a cosine-annealing schedule once per training step from
@@ -34,12 +33,9 @@ def death_rate_schedule(initial: float, decay_steps: int, final: float = 0.005
   """
   if decay_steps < 1:
     raise ConfigError(f'decay_steps must be >= 1, got {decay_steps}')
-
-  def schedule(step):
-    progress = jnp.minimum(jnp.asarray(step, jnp.float32), decay_steps) / decay_steps
-    return final + (initial - final) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-
-  return schedule
+  if initial <= 0:
+    return optax.constant_schedule(0.0)
+  return optax.cosine_decay_schedule(initial, decay_steps, alpha=final / initial)
 
 
 def num_to_remove(active: jax.Array, death_rate: jax.Array) -> jax.Array:
@@ -72,15 +68,27 @@ def removal_mask(weights: jax.Array, mask: jax.Array, count: jax.Array,
   raise ConfigError(f'unknown removal mode {mode!r}; expected one of {REMOVAL_MODES}')
 
 
+def keep_weights(weights: jax.Array, old_mask: jax.Array, new_mask: jax.Array) -> jax.Array:
+  """The weights after a topology update: a weight active before and after keeps its value.
+
+  That includes a weight removed and regrown at the same position in one
+  update: the reference only changes masks and multiplies the untouched
+  weights by the final mask. Positions inactive before the update (newly
+  grown) start at 0.
+  """
+  return jnp.where(old_mask & new_mask, weights, jnp.zeros_like(weights))
+
+
 def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate: jax.Array,
                 scores: jax.Array | None = None, removal: str = 'magnitude'
                 ) -> tuple[jax.Array, jax.Array]:
   """Prunes and regrows one matrix; returns ``(weights, mask)``.
 
   Regrowth chooses among all positions inactive after removal (the just-removed
-  ones included, as in the reference and RigL); grown weights start at 0.
-  Selections stay thresholds (:class:`~selfish_jax.sparsity.select.Cut`) that
-  the new mask and weights are computed from elementwise.
+  ones included, as in the reference and RigL); see :func:`keep_weights` for
+  the values. Selections stay thresholds
+  (:class:`~selfish_jax.sparsity.select.Cut`) that the new mask and weights are
+  computed from elementwise.
   """
   active = select.count_true(mask)
   count = num_to_remove(active, death_rate)
@@ -90,7 +98,8 @@ def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate:
     grown = select.random_subset(key, ~survivors, count, free)
   else:
     grown = select.largest_magnitudes(scores, ~survivors, count, free)
-  return jnp.where(survivors, weights, jnp.zeros_like(weights)), survivors | grown
+  new_mask = survivors | grown
+  return keep_weights(weights, mask, new_mask), new_mask
 
 
 def update_topology(params: PyTree, masks: Masks, key: jax.Array, death_rate: jax.Array, *,
