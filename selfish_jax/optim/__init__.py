@@ -1,9 +1,10 @@
 """Optimizers: SNT-ASGD as composable optax transforms."""
 
 from selfish_jax.optim.optimizers import OPTIMIZERS, make_optimizer, momentum_of
-from selfish_jax.optim.snt_asgd import (SparseAveragingState, averaged_params, is_averaging,
-                                        mask_updates, nonmonotone_trigger, snt_asgd,
-                                        sparse_averaging, start_averaging)
+from selfish_jax.optim.snt_asgd import (SparseAveragingState, averaged_params, clip_and_decay,
+                                        is_averaging, mask_updates, masked, nonmonotone_trigger,
+                                        sgd, snt_asgd, sparse_averaging, start_averaging)
 
-__all__ = ['OPTIMIZERS', 'make_optimizer', 'momentum_of', 'SparseAveragingState', 'averaged_params', 'is_averaging', 'mask_updates',
-           'nonmonotone_trigger', 'snt_asgd', 'sparse_averaging', 'start_averaging']
+__all__ = ['OPTIMIZERS', 'make_optimizer', 'momentum_of', 'SparseAveragingState',
+           'averaged_params', 'clip_and_decay', 'is_averaging', 'mask_updates', 'masked',
+           'nonmonotone_trigger', 'sgd', 'snt_asgd', 'sparse_averaging', 'start_averaging']

@@ -1,8 +1,9 @@
 """The optimizer axis: any sparse method trains with any of these.
 
-Every optimizer ends in :func:`~selfish_jax.optim.snt_asgd.sparse_averaging`,
-which keeps masked weights at zero; only ``snt_asgd`` ever switches its
-averaging on (the training loop applies the non-monotone trigger for it).
+Every optimizer ends by re-masking its updates, so inactive weights stay zero;
+only ``snt_asgd`` ends in :func:`~selfish_jax.optim.snt_asgd.sparse_averaging`
+and carries averaging state (the training loop applies the non-monotone
+trigger to it). The others carry no averaging buffers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import optax
 
 from selfish_jax.errors import ConfigError
-from selfish_jax.optim.snt_asgd import snt_asgd, sparse_averaging
+from selfish_jax.optim.snt_asgd import clip_and_decay, masked, sgd, snt_asgd
 
 OPTIMIZERS = ('snt_asgd', 'sgd', 'momentum', 'adam')
 # Names under which optax states keep a first moment: optax.trace -> TraceState.trace,
@@ -26,14 +27,14 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   """``snt_asgd`` | ``sgd`` | ``momentum`` | ``adam``, each with clipping and weight decay."""
   if name not in OPTIMIZERS:
     raise ConfigError(f'unknown optimizer {name!r}; expected one of {OPTIMIZERS}')
-  if name in ('snt_asgd', 'sgd'):
+  if name == 'snt_asgd':
     return snt_asgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
+  if name == 'sgd':
+    return sgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
   base = (optax.trace(decay=momentum) if name == 'momentum'
           else optax.scale_by_adam(b1=momentum))
-  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []
-  parts += [optax.add_decayed_weights(weight_decay), base,
-            optax.scale_by_learning_rate(learning_rate), sparse_averaging()]
-  return optax.chain(*parts)
+  return optax.chain(*clip_and_decay(clip_norm, weight_decay), base,
+                     optax.scale_by_learning_rate(learning_rate), masked())
 
 
 def momentum_of(opt_state: optax.OptState) -> Any:

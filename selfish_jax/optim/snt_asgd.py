@@ -49,6 +49,22 @@ def mask_updates(updates: PyTree, params: PyTree, masks: Masks | None) -> PyTree
       lambda u, m, p: u if m is None else jnp.where(m, u, -p), updates, masks, params)
 
 
+def masked() -> optax.GradientTransformationExtraArgs:
+  """Stateless: updates after which every inactive weight is exactly zero.
+
+  Ends the optimizers that do not average; ``update`` takes ``params`` and the
+  keyword ``masks`` (omit it for a dense model).
+  """
+
+  def update_fn(updates, state, params=None, *, masks: Masks | None = None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError('masked() needs params')
+    return mask_updates(updates, params, masks), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
 def sparse_averaging() -> optax.GradientTransformationExtraArgs:
   """Masks the final updates and keeps the SNT-ASGD per-weight averages.
 
@@ -91,46 +107,62 @@ def sparse_averaging() -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def clip_and_decay(clip_norm: float | None, weight_decay: float) -> list:
+  """Global-norm clipping over ALL gradients (inactive positions included, as
+  the reference computes it; ``None`` disables it), then L2 weight decay added
+  to the clipped gradient, as torch's SGD."""
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []
+  return parts + [optax.add_decayed_weights(weight_decay)]
+
+
 def snt_asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
              clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
   """The Selfish-RNN optimizer: clip, weight decay, SGD step, mask, average.
 
   Args:
     learning_rate: step size (a scalar or an optax schedule).
-    weight_decay: L2 coefficient added to the (clipped) gradient, as torch's SGD.
-    clip_norm: global-norm clipping threshold over ALL gradients, inactive
-      positions included (as the reference computes it); ``None`` disables it.
+    weight_decay: L2 coefficient added to the (clipped) gradient.
+    clip_norm: global-norm clipping threshold; ``None`` disables it.
 
   Returns:
     A transform whose ``update(grads, state, params, masks=masks)`` returns
-    masked updates. Wrap it in ``optax.inject_hyperparams`` to schedule its
-    hyperparameters, or chain it after other transforms.
+    masked updates; it averages once :func:`start_averaging` switched it on.
+    Wrap it in ``optax.inject_hyperparams`` to schedule its hyperparameters,
+    or chain it after other transforms.
   """
-  parts = []
-  if clip_norm is not None:
-    parts.append(optax.clip_by_global_norm(clip_norm))
-  parts += [optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate),
-            sparse_averaging()]
-  return optax.chain(*parts)
+  return optax.chain(*clip_and_decay(clip_norm, weight_decay),
+                     optax.scale_by_learning_rate(learning_rate), sparse_averaging())
 
 
-def _averaging_state(opt_state: optax.OptState) -> SparseAveragingState:
+def sgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
+        clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
+  """:func:`snt_asgd` without averaging (no averaging state): the SGD phase only."""
+  return optax.chain(*clip_and_decay(clip_norm, weight_decay),
+                     optax.scale_by_learning_rate(learning_rate), masked())
+
+
+def _averaging_state(opt_state: optax.OptState) -> SparseAveragingState | None:
   return optax.tree_utils.tree_get(opt_state, SparseAveragingState.__name__)
 
 
 def is_averaging(opt_state: optax.OptState) -> jax.Array:
-  """Whether averaging is on in an optimizer state containing :func:`sparse_averaging`."""
-  return _averaging_state(opt_state).averaging
+  """Whether averaging is on (always False for a state without :func:`sparse_averaging`)."""
+  state = _averaging_state(opt_state)
+  return jnp.asarray(False) if state is None else state.averaging
 
 
 def start_averaging(opt_state: optax.OptState) -> optax.OptState:
   """Switches averaging on (the NT-ASGD trigger fired); counters start at 0."""
+  if _averaging_state(opt_state) is None:
+    raise ValueError('this optimizer state has no sparse_averaging() to switch on')
   return optax.tree_utils.tree_set(opt_state, averaging=jnp.asarray(True))
 
 
 def averaged_params(opt_state: optax.OptState, params: PyTree) -> PyTree:
   """The averaged weights once averaging is on, else ``params`` themselves."""
   state = _averaging_state(opt_state)
+  if state is None:
+    return params
   return jax.tree.map(lambda a, p: jnp.where(state.averaging, a, p), state.averages, params)
 
 
