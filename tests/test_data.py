@@ -132,8 +132,13 @@ def test_download_with_bad_checksum_leaves_nothing_behind(tmp_path, http_server)
 
 def test_download_failure_is_a_clear_error(tmp_path, http_server):
   _, url = http_server  # serves nothing: 404
-  with pytest.raises(DataError, match='download of .*train.txt failed'):
-    load_corpus('ptb', str(tmp_path), base_url=url)
+  missing = tmp_path / 'nonexistent'
+  with pytest.raises(DataError) as error:
+    load_corpus('ptb', str(missing), base_url=url)
+  # One message: where the file was looked for, and that fetching it failed (and why).
+  assert str(error.value) == (
+      f'missing data file: no train.txt or train.txt.gz in {missing}/ptb, and fetching it '
+      f'failed: download of {url}/train.txt failed: HTTP Error 404: File not found')
 
 
 def test_tfds_builder_gives_the_same_corpus(shared_data_dir, tmp_path, ptb):

@@ -160,7 +160,12 @@ def load_split_text(dataset: str, split: str, directory: str, *,
       raise DataError(f'missing data file: no {split}.txt or {split}.txt.gz in {directory} '
                       '(allow downloads to fetch it)')
     url = f'{base_url.rstrip("/")}/{split}.txt' if base_url else split_info.url
-    path = download.fetch(url, os.path.join(directory, f'{split}.txt'), sha256=split_info.sha256)
+    try:
+      path = download.fetch(url, os.path.join(directory, f'{split}.txt'),
+                            sha256=split_info.sha256)
+    except DataError as e:
+      raise DataError(f'missing data file: no {split}.txt or {split}.txt.gz in {directory}, '
+                      f'and fetching it failed: {e}') from e
   text = read_text(path)
   digest = sha256_text(text)
   if digest != split_info.sha256:
