@@ -8,6 +8,7 @@ kernel compete for one budget. Counts are exact: each leaf loses
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -79,6 +80,7 @@ def keep_weights(weights: jax.Array, old_mask: jax.Array, new_mask: jax.Array) -
   return jnp.where(old_mask & new_mask, weights, jnp.zeros_like(weights))
 
 
+@functools.partial(jax.jit, static_argnames='removal')
 def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate: jax.Array,
                 scores: jax.Array | None = None, removal: str = 'magnitude'
                 ) -> tuple[jax.Array, jax.Array]:
