@@ -48,6 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.clip = 0.25
   c.weight_decay = 1.2e-6
   c.nonmono = 5
+  # > 0: SNT-ASGD averages from this epoch on, whatever the non-monotone trigger says.
+  c.asgd_start_epoch = 0
   c.optimizer = 'snt_asgd'  # snt_asgd (SGD, then averaging on the trigger) | sgd | momentum | adam
   c.momentum = 0.9  # for optimizer=momentum (and adam's b1)
   c.num_epochs = 15
@@ -63,9 +65,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.update_end_fraction = 0.75  # rigl, gmp: no updates after this fraction of training
   # Devices: data parallelism over a 1-D mesh.
   c.num_devices = 0  # 0 = all devices; the batch sizes must be divisible by it
+  # > 0: gradients of this many equal row groups, gathered and summed in order,
+  # so results do not depend on the device count (any count dividing it).
+  c.gradient_groups = 0
   # Logging and checkpoints.
   c.log_every = 200
   c.checkpoint_every_steps = 0  # 0 = at the end of each epoch only
+  c.lock()  # a key that does not exist is an error, also from library code
   return c
 
 
@@ -90,9 +96,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, 'sparse_init', SPARSE_INITS)
   _check_choice(config, 'growth', GROWTH_MODES)
   _check_choice(config, 'optimizer', OPTIMIZERS)
-  uses_momentum = config.method == 'snfs' or (config.method == 'selfish' and
-                                               config.growth == 'momentum')
-  if uses_momentum and config.optimizer not in ('momentum', 'adam'):
+  method = methods.make_method(config.method, density=config.density, growth=config.growth,
+                               total_steps=1)
+  if method.scores == 'momentum' and config.optimizer not in ('momentum', 'adam'):
     raise ConfigError(f'method {config.method!r} with growth from momentum needs '
                       f"optimizer 'momentum' or 'adam', not {config.optimizer!r}")
   _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
@@ -109,8 +115,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
               'num_epochs', 'log_every', 'update_every'):
     _check_positive_int(config, key)
-  for key in ('nonmono', 'max_steps_per_epoch', 'checkpoint_every_steps', 'num_devices'):
+  for key in ('nonmono', 'asgd_start_epoch', 'max_steps_per_epoch', 'checkpoint_every_steps',
+              'num_devices', 'gradient_groups'):
     _check_positive_int(config, key, minimum=0)
+  if config.gradient_groups and config.batch_size % config.gradient_groups:
+    raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
+                      f'gradient_groups={config.gradient_groups}')
   if config.lr <= 0:
     raise ConfigError(f'lr must be > 0, got {config.lr!r}')
   if config.tied and config.emsize != config.nhid:

@@ -1,61 +1,64 @@
-"""Data parallelism: 4 host devices train like 1 device on the same global batch."""
+"""Data parallelism through the CLI: 1 and 4 (host-platform) devices give the same run.
 
-import json
+With ``gradient_groups`` the gradient is summed in the same order whatever the
+device count, and each group draws its own dropout, so the runs agree to float
+rounding (often bitwise; XLA may still compile the per-group program a little
+differently for the two layouts). The runs cover dropout, topology updates and
+the SNT-ASGD switch.
+"""
+
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
+from selfish_jax.training import metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-SCRIPT = textwrap.dedent('''
-    import json, sys
-    import jax
-    from experiments.configs import ptb_lstm_small
-    from selfish_jax import optim
-    from selfish_jax.errors import ConfigError
-    from selfish_jax.training import metrics, train
-    assert jax.device_count() == 4, jax.devices()
-    # The NT-ASGD switch after epoch 2, so the run covers SGD, a switch and ASGD.
-    optim.nonmonotone_trigger = lambda losses, loss, nonmono: len(losses) == 1
-    data_dir, workdir = sys.argv[1], sys.argv[2]
-    results = {}
-    for n in (1, 4):
-      config = ptb_lstm_small.get_config()
-      config.update(data_dir=data_dir, download=False, emsize=16, nhid=16, batch_size=8,
-                    eval_batch_size=32, bptt=10, lr=5.0, num_epochs=3, max_steps_per_epoch=4,
-                    log_every=1, num_devices=n, growth='gradient')
-      final = train.train_and_evaluate(config, f'{workdir}/{n}')
-      records = metrics.read_records(f'{workdir}/{n}/metrics.jsonl')
-      results[n] = {'loss': [r['loss'] for r in records if 'loss' in r],
-                    'val': [r['val_loss'] for r in records if 'val_loss' in r],
-                    'optimizer': [r['optimizer'] for r in records if 'val_loss' in r],
-                    'test': final['test_loss'], 'density': final['density']}
-    config.batch_size = 6
-    try:
-      train.train_and_evaluate(config, f'{workdir}/bad')
-    except ConfigError as e:
-      results['error'] = str(e)
-    print('RESULTS', json.dumps(results))
-''')
+ENV = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
+       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
 
 
-def test_four_devices_match_one_device(shared_data_dir, tmp_path):
-  env = {**os.environ, 'PYTHONPATH': ROOT,
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu'}
-  result = subprocess.run([sys.executable, '-c', SCRIPT, shared_data_dir, str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  line = [l for l in result.stdout.splitlines() if l.startswith('RESULTS ')][-1]
-  results = json.loads(line[len('RESULTS '):])
-  one, four = results['1'], results['4']
-  assert len(one['loss']) == 12
-  assert one['optimizer'] == four['optimizer'] == ['sgd', 'sgd', 'asgd']
-  np.testing.assert_allclose(four['loss'], one['loss'], rtol=2e-4)
-  np.testing.assert_allclose(four['val'], one['val'], rtol=2e-4)
-  assert four['test'] == pytest.approx(one['test'], rel=2e-4)
-  assert four['density'] == one['density']
-  assert 'batch_size=6 is not divisible by the 4 devices' in results['error']
+def _cli(workdir, *overrides):
+  return [sys.executable, '-m', 'experiments.main',
+          '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={workdir}',
+          '--config.data_dir=../shared/data', '--config.download=False', '--config.emsize=16',
+          '--config.nhid=16', '--config.batch_size=8', '--config.eval_batch_size=8',
+          '--config.bptt=5', '--config.lr=5', '--config.num_epochs=3', '--config.max_steps_per_epoch=6',
+          '--config.log_every=2', '--config.gradient_groups=4', '--config.asgd_start_epoch=3',
+          *overrides]
+
+
+def test_device_counts_give_the_same_run_through_the_cli(shared_data_dir, tmp_path):
+  runs = {}
+  for n in (1, 4):
+    done = subprocess.run(_cli(tmp_path / str(n), f'--config.num_devices={n}'), cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs[n] = metrics.read_records(str(tmp_path / str(n) / 'metrics.jsonl'))
+  one = runs[1]
+  epochs = [r for r in one if 'val_loss' in r]
+  assert [r['optimizer'] for r in epochs] == ['sgd', 'sgd', 'asgd']
+  assert all(r['topology_distance'] for r in epochs[:1])  # the topology moved after epoch 1
+  for n in (4,):
+    other = runs[n]
+    np.testing.assert_allclose([r['loss'] for r in other if 'loss' in r],
+                               [r['loss'] for r in one if 'loss' in r], rtol=1e-5)
+    np.testing.assert_allclose([r['val_loss'] for r in other if 'val_loss' in r],
+                               [r['val_loss'] for r in epochs], rtol=1e-5)
+    assert [r['topology_distance'] for r in other if 'val_loss' in r] == [
+        r['topology_distance'] for r in epochs]
+    assert other[-1]['test_ppl'] == pytest.approx(one[-1]['test_ppl'], rel=1e-4)
+    assert other[-1]['density'] == one[-1]['density']
+
+
+def test_batch_not_divisible_by_the_devices_is_refused(shared_data_dir, tmp_path):
+  done = subprocess.run(_cli(tmp_path, '--config.num_devices=4', '--config.batch_size=6',
+                             '--config.gradient_groups=0'),
+                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      'error: batch_size=6 is not divisible by the 4 devices of the mesh (set num_devices or the '
+      'batch size)')
