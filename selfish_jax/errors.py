@@ -16,3 +16,7 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, OSError):
   """A missing, unreadable or corrupt data file, or a failed download."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+  """The loss became NaN or inf; nothing from that point on was saved."""

@@ -42,9 +42,13 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
     self._latest.wait_until_finished()
 
+  def latest_step(self) -> int | None:
+    """The step of the latest checkpoint, or None if there is none."""
+    return self._latest.latest_step()
+
   def restore_latest(self, like: PyTree) -> tuple[PyTree, dict] | None:
     """``(state, host_state)`` of the latest checkpoint, or None if there is none."""
-    step = self._latest.latest_step()
+    step = self.latest_step()
     if step is None:
       return None
     restored = self._latest.restore(step, args=ocp.args.Composite(

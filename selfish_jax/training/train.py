@@ -20,11 +20,13 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from selfish_jax import config as config_lib
 from selfish_jax import flops, optim, sparsity
 from selfish_jax.data import batchify, load_corpus
+from selfish_jax.errors import TrainingDiverged
 from selfish_jax.models.lstm import StackedLSTMLM
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps
@@ -99,11 +101,24 @@ def create_train_state(config: ml_collections.ConfigDict, model: StackedLSTMLM,
   carry = model.initial_carry(config.batch_size)
   params = jax.jit(lambda k: model.init(
       k, jnp.zeros((1, 1), jnp.int32), model.initial_carry(1), train=False)['params'])(params_key)
-  masks = jax.jit(method.init_masks)(mask_key, params)
+  # Not jitted as a whole: the per-matrix selections are jitted by shape, so a
+  # program is compiled once per distinct matrix shape, not once per matrix.
+  masks = method.init_masks(mask_key, params)
   params = sparsity.apply_masks(params, masks)
   return steps.TrainState(step=jnp.int32(0), params=params, masks=masks,
                           opt_state=tx.init(params), carry=carry,
                           method_state=method.initial_state)
+
+
+def method_rates(method: methods.Method, step: jax.Array) -> dict[str, float]:
+  """What the method's schedules say at ``step``: the removal fraction it
+  really uses (``death_rate``) and, for gradual pruning, the target density."""
+  rates = {}
+  if method.removal_rate is not None:
+    rates['death_rate'] = float(method.removal_rate(step))
+  if method.density_schedule is not None:
+    rates['target_density'] = float(method.density_schedule(step))
+  return rates
 
 
 def _perplexity(loss: float) -> float:
@@ -128,7 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokens_per_step = config.batch_size * config.bptt
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_divisible(mesh, batch_size=config.batch_size,
-                                 eval_batch_size=config.eval_batch_size)
+                                 eval_batch_size=config.eval_batch_size,
+                                 gradient_groups=config.gradient_groups)
   replicated = parallel.replicated(mesh)
   batch_sharded = parallel.batch_sharding(mesh)
   valid_windows = parallel.put(valid_windows, parallel.batch_sharding(mesh, batch_axis=1))
@@ -140,24 +156,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_key, dropout_key, topology_key, gradient_key = jax.random.split(root, 4)
   method = build_method(config, steps_per_epoch)
   state = create_train_state(config, model, tx, method, init_key)
+  if config.optimizer == 'snt_asgd' and config.asgd_start_epoch == 1:
+    state = state.replace(opt_state=optim.start_averaging(state.opt_state))
   # Everything replicated but the carry, which is split over the batch like the data.
   state_sharding = jax.tree.map(lambda _: replicated, state).replace(
       carry=jax.tree.map(lambda _: batch_sharded, state.carry))
   state = jax.device_put(state, state_sharding)
   initial_carry = lambda: parallel.put(model.initial_carry(config.batch_size), batch_sharded)
-  death_rate = sparsity.death_rate_schedule(config.death_rate, config.num_epochs * steps_per_epoch,
-                                            config.death_rate_final)
 
-  train_step = jax.jit(steps.make_train_step(model, tx, dropout_key), donate_argnums=0,
+  grad_fn = steps.make_grad_fn(model, mesh, config.gradient_groups)
+  train_step = jax.jit(steps.make_train_step(grad_fn, tx, dropout_key), donate_argnums=0,
                        in_shardings=(state_sharding, batch_sharded),
                        out_shardings=(state_sharding, replicated))
   evaluate_split = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
   evaluate = lambda params, windows: float(evaluate_split(params, windows))
   eval_params = jax.jit(optim.averaged_params)
-  # Donating the params lets XLA update them in place: on CPU that saves a
-  # quarter of a topology update of the large model.
-  update_topology = jax.jit(method.update, donate_argnums=0) if method.update else None
-  gradient_fn = jax.jit(steps.make_gradient_fn(model))
+  # Called as it is: its per-matrix selections are jitted by shape (see create_train_state).
+  update_topology = method.update
+  gradient_fn = jax.jit(lambda *args: grad_fn(*args)[2])
   momentum_of = jax.jit(optim.momentum_of)
 
   def change_topology(state, key, window):
@@ -198,8 +214,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  sum(p.size for p in jax.tree.leaves(state.params)), summary['density'],
                  summary['active'])
 
+  saved_step = checkpoints.latest_step()
+  unchecked = []  # (step, loss on the device) not yet checked for divergence
+
+  def diverged(what: str, value: float, step: int) -> TrainingDiverged:
+    kept = (f'the checkpoint of step {saved_step} and the best weights in {workdir} are kept '
+            'unchanged' if saved_step is not None else 'no checkpoint had been written')
+    return TrainingDiverged(f'training diverged: {what} is {value} at step {step}; {kept} '
+                            '(a lower lr or a stronger clip may help)')
+
+  def check_losses():
+    """Stops the run at the first NaN or inf training loss, before anything of it is saved."""
+    values = np.asarray(jax.device_get([loss for _, loss in unchecked]))
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+      raise diverged('the training loss', values[bad[0]], unchecked[bad[0]][0])
+    unchecked.clear()
+
   def save_latest():
+    nonlocal saved_step
+    check_losses()
     checkpoints.save_latest(int(state.step), state, host.to_json())
+    saved_step = int(state.step)
 
   while host.epoch <= config.num_epochs:
     epoch = host.epoch
@@ -214,9 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
         state = change_topology(state, jax.random.fold_in(topology_key, state.step), window)
       losses.append(loss)
+      unchecked.append((step, loss))
       interval_steps += 1
       host.window = index + 1
       if host.window % config.log_every == 0 or host.window == steps_per_epoch:
+        check_losses()
         mean_loss = float(jnp.mean(jnp.stack(losses)))
         elapsed = time.time() - interval_start
         record = {'step': int(state.step), 'epoch': epoch, 'loss': mean_loss,
@@ -235,19 +273,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     averaging = bool(optim.is_averaging(state.opt_state))
     weights = eval_params(state.opt_state, state.params)
     val_loss = evaluate(weights, valid_windows)
+    if not math.isfinite(val_loss):
+      raise diverged('the validation loss', val_loss, int(state.step))
     improved = val_loss < host.best_val_loss
     if improved:
       host.best_val_loss = val_loss
       checkpoints.save_best(epoch, weights)
     switched = False
     if not averaging and config.optimizer == 'snt_asgd':
-      if optim.nonmonotone_trigger(host.val_losses, val_loss, config.nonmono):
+      fixed_start = config.asgd_start_epoch and epoch + 1 >= config.asgd_start_epoch
+      if fixed_start or optim.nonmonotone_trigger(host.val_losses, val_loss, config.nonmono):
         state = state.replace(opt_state=optim.start_averaging(state.opt_state))
         switched = True
         logging.info('Switching to SNT-ASGD (averaging) after epoch %d.', epoch)
     if not averaging:
       host.val_losses.append(val_loss)
-    rate = float(death_rate(state.step))
     moved = {}
     if method.updates_at(epoch * steps_per_epoch, epoch_end=True) and not switched:
       before = jax.device_get(state.masks)
@@ -257,15 +297,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = sparsity.summarize(state.masks)
     record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
               'val_ppl': _perplexity(val_loss), 'density': summary['density'],
-              'optimizer': 'asgd' if averaging else 'sgd', 'death_rate': rate,
+              'optimizer': 'asgd' if averaging else 'sgd', **method_rates(method, state.step),
               'epoch_time_s': time.time() - epoch_start,
               'train_tokens_per_s': tokens_per_step * steps_per_epoch / max(train_time, 1e-9),
               'gate_density': summary['gate_density'],
               'topology_distance': moved}  # per matrix, this epoch's update
     writer.write(record)
     logging.info('| end of epoch %3d | %6.1fs | valid loss %5.2f | valid ppl %8.2f | %s | '
-                 'density %.4f | death rate %.4f%s', epoch, record['epoch_time_s'], val_loss,
-                 record['val_ppl'], record['optimizer'], summary['density'], rate,
+                 'density %.4f%s%s', epoch, record['epoch_time_s'], val_loss, record['val_ppl'],
+                 record['optimizer'], summary['density'],
+                 ''.join(f' | {k.replace("_", " ")} {v:.4f}'
+                         for k, v in method_rates(method, state.step).items()),
                  ' | best' if improved else '')
     for name, gates in summary['gate_density'].items():
       logging.info('    gate density %s: %s', name,
