@@ -59,17 +59,17 @@ def benchmark(config) -> dict:
   state = train.create_train_state(config, model, tx, method, jax.random.key(config.seed))
 
   start = time.perf_counter()
-  compiled = jax.jit(steps.make_train_step(model, tx, jax.random.key(1)),
+  compiled = jax.jit(steps.make_train_step(steps.make_grad_fn(model), tx, jax.random.key(1)),
                      donate_argnums=0).lower(state, window).compile()
   compile_s = time.perf_counter() - start
   for _ in range(_WARMUP.value):
     state, _ = compiled(state, window)
   _block(state)
-  times = []
+  times, losses = [], []
   for _ in range(_STEPS.value):
     start = time.perf_counter()
     state, loss = compiled(state, window)
-    _block(loss)
+    losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   step_ms = np.array(times) * 1000
   tokens = config.batch_size * config.bptt
@@ -83,7 +83,7 @@ def benchmark(config) -> dict:
   _block(evaluate(state.params, eval_windows))
   eval_tokens_per_s = eval_windows.weights.size / (time.perf_counter() - start)
 
-  topology_s = None
+  topology_s, density_after_updates = None, None
   if method.sparse:  # magnitude removal + random regrowth (Selfish-RNN) at the config's density
     update = jax.jit(functools.partial(sparsity.update_topology, growth='random'),
                      donate_argnums=(0, 1))
@@ -94,6 +94,7 @@ def benchmark(config) -> dict:
       params, masks = _block(update(params, masks, jax.random.key(3 + i), config.death_rate))
       durations.append(time.perf_counter() - start)
     topology_s = float(np.median(durations))
+    density_after_updates = sparsity.overall_density(masks)
 
   dense_masks = jax.tree.map(lambda _: None, state.params)
   flops = 3 * tokens * flops_lib.forward_flops_per_token(state.params, dense_masks,
@@ -112,7 +113,11 @@ def benchmark(config) -> dict:
       'topology_update_s': topology_s,
       'step_gflop': flops / 1e9,
       'gflops_per_s': flops / 1e9 / (p50 / 1000),
-      'timed_steps': _STEPS.value,
+      'timed_steps': len(times),
+      # The same window every step: the loss must fall (a check that the step trains).
+      'loss_first_timed_step': losses[0],
+      'loss_last_timed_step': losses[-1],
+      'density_after_topology_updates': density_after_updates,
   }
 
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 import numpy as np
 from ml_collections import config_flags
 
+from experiments import cli
 from selfish_jax import host, optim
 from selfish_jax.errors import UserError
 from selfish_jax.sparsity import methods as methods_lib
@@ -199,28 +199,28 @@ def main(argv):
   workdir = _WORKDIR.value
   lrs = {k: float(v) for k, v in (item.split(':') for item in _LRS.value)}
   seeds = [int(s) for s in (_SEEDS.value or [base.seed])]
-  try:
-    for name in _METHODS.value:
-      if name not in methods_lib.METHODS:
-        raise UserError(f'unknown method {name!r}; expected one of {methods_lib.METHODS}')
-    if _CELL.value:
+  for name in _METHODS.value:
+    if name not in methods_lib.METHODS:
+      raise UserError(f'unknown method {name!r}; expected one of {methods_lib.METHODS}')
+  if _CELL.value:
+    try:
       method, optimizer, seed = _CELL.value.split(',')
-      run_cell(base, workdir, method, optimizer, int(seed), lrs, _SHARE.value)
-      return
-    if not _REPORT_ONLY.value:
-      # SNT-ASGD first, so an SGD cell can find its finished twin.
-      order = sorted(_OPTIMIZERS.value, key=lambda o: o != 'snt_asgd')
-      for seed in seeds:
-        for method in _METHODS.value:
-          for optimizer in order:
-            run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value)
-    rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
-    write_report(rows, workdir)
-    print(open(os.path.join(workdir, 'results.md')).read())
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+      seed = int(seed)
+    except ValueError:
+      raise UserError(f'--cell must be METHOD,OPTIMIZER,SEED, got {_CELL.value!r}') from None
+    run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value)
+    return
+  if not _REPORT_ONLY.value:
+    # SNT-ASGD first, so an SGD cell can find its finished twin.
+    order = sorted(_OPTIMIZERS.value, key=lambda o: o != 'snt_asgd')
+    for seed in seeds:
+      for method in _METHODS.value:
+        for optimizer in order:
+          run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value)
+  rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
+  write_report(rows, workdir)
+  print(open(os.path.join(workdir, 'results.md')).read())
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, _CONFIG)

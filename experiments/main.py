@@ -4,18 +4,15 @@ r"""Trains a sparse RNN language model.
       --workdir=/tmp/run --config.data_dir=../shared/data --config.method=dense
 
 Running again with the same ``--workdir`` resumes from its last checkpoint.
-User errors (bad flag or config value, missing or corrupt data) are reported
-on one line with a non-zero exit code.
+User errors (bad flag or config value, missing or corrupt data, a diverged
+run) are reported on one line with a non-zero exit code (``experiments.cli``).
 """
 
-import re
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
 from selfish_jax import host
-from selfish_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an experiment config file.',
                                           lock_config=True)
@@ -30,43 +27,16 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def fail(message: str) -> None:
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(1)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing with one-line errors (unknown config keys, bad files)."""
-  try:
-    args = flags.FLAGS(argv)
-    _CONFIG.value.keys()  # a config file that failed to load raises here
-    return args
-  except flags.Error as e:
-    fail(e)
-  except (AttributeError, KeyError) as e:
-    text = str(e).replace('\\n', ' ')
-    key = re.search(r"'([^'\\]+)\\?'", text)
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    fail(f'unknown config key {key.group(1) if key else text!r}'
-         + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
-  except (OSError, ValueError, TypeError) as e:
-    fail(e)
-
-
 def main(argv):
-  if len(argv) > 1:
-    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv
   host.retain_freed_memory()  # XLA:CPU re-allocates its buffers every step
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from selfish_jax.training.train import train_and_evaluate  # after flags: faster --help
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    fail(e)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, _CONFIG)

@@ -129,3 +129,24 @@ def test_composes_with_inject_hyperparams_and_chain():
 ])
 def test_nonmonotone_trigger(losses, loss, nonmono, expected):
   assert optim.nonmonotone_trigger(losses, loss, nonmono) is expected
+
+
+@pytest.mark.parametrize('name,param_sized_buffers', [
+    ('snt_asgd', 2),  # per-weight counters and averages
+    ('sgd', 0), ('momentum', 1), ('adam', 2)])
+def test_only_snt_asgd_carries_averaging_state(name, param_sized_buffers):
+  params = {'w': jnp.ones((30, 40)), 'b': jnp.zeros((40,))}
+  tx = optim.make_optimizer(name, 0.1)
+  state = tx.init(params)
+  leaves = [x for x in jax.tree.leaves(state) if jnp.ndim(x) > 0]
+  assert sum(x.size for x in leaves) == param_sized_buffers * (30 * 40 + 40)
+  assert bool(optim.is_averaging(state)) is False
+  assert optim.averaged_params(state, params) is params or name == 'snt_asgd'
+  if name != 'snt_asgd':
+    with pytest.raises(ValueError, match='no sparse_averaging'):
+      optim.start_averaging(state)
+  # Every optimizer re-masks: an inactive weight stays exactly zero.
+  masks = {'w': jnp.zeros((30, 40), bool).at[0].set(True), 'b': None}
+  updates, _ = tx.update({'w': jnp.ones((30, 40)), 'b': jnp.ones(40)}, state, params, masks=masks)
+  new = optax.apply_updates(params, updates)
+  assert float(jnp.abs(new['w'][1:]).max()) == 0.0 and float(jnp.abs(new['w'][0]).min()) > 0

@@ -2,15 +2,17 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfish_jax import optim
 from selfish_jax.training import metrics as metrics_lib
 from selfish_jax.training import train
 
@@ -22,21 +24,30 @@ def _epoch_records(workdir):
           if 'val_ppl' in r]
 
 
-def _switch_after_first_epoch(monkeypatch):
-  # Makes the NT-ASGD trigger fire after epoch 2, deterministically.
-  monkeypatch.setattr(optim, 'nonmonotone_trigger', lambda losses, loss, nonmono: len(losses) == 1)
+# One run several tests read and compare against: selfish with gradient growth,
+# 3 epochs of 10 windows, checkpoints every 4 windows, averaging from epoch 3.
+REFERENCE = dict(num_epochs=3, max_steps_per_epoch=10, checkpoint_every_steps=4, log_every=2,
+                 growth='gradient', asgd_start_epoch=3)
 
 
-def test_selfish_training_learns_switches_and_keeps_density(tiny_config, tmp_path, monkeypatch):
-  _switch_after_first_epoch(monkeypatch)
-  tiny_config.max_steps_per_epoch = 25
-  final = train.train_and_evaluate(tiny_config, str(tmp_path))
-  records = metrics_lib.read_records(str(tmp_path / 'metrics.jsonl'))
+@pytest.fixture(scope='module')
+def reference(shared_data_dir, tmp_path_factory):
+  """``(config, workdir, final record)`` of the reference run."""
+  from conftest import make_tiny_config
+  config = make_tiny_config(shared_data_dir)
+  config.update(**REFERENCE)
+  workdir = tmp_path_factory.mktemp('reference')
+  return config, workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def test_selfish_training_learns_switches_and_keeps_density(reference):
+  _, workdir, final = reference
+  records = metrics_lib.read_records(str(workdir / 'metrics.jsonl'))
   train_losses = [r['loss'] for r in records if 'loss' in r]
-  assert train_losses[-1] < train_losses[0] - 1.0  # loss goes down
-  epochs = _epoch_records(str(tmp_path))
+  assert len(train_losses) == 15 and train_losses[-1] < train_losses[0] - 0.5  # loss goes down
+  epochs = _epoch_records(str(workdir))
   assert [r['epoch'] for r in epochs] == [1, 2, 3]
-  assert [r['optimizer'] for r in epochs] == ['sgd', 'sgd', 'asgd']
+  assert [r['optimizer'] for r in epochs] == ['sgd', 'sgd', 'asgd']  # asgd_start_epoch=3
   assert epochs[-1]['val_ppl'] < epochs[0]['val_ppl']
   assert all(r['density'] == pytest.approx(0.33, abs=1e-3) for r in epochs)
   assert set(epochs[0]['gate_density']) == {
@@ -44,82 +55,104 @@ def test_selfish_training_learns_switches_and_keeps_density(tiny_config, tmp_pat
       "['lstm_1']['input_kernel']", "['lstm_1']['recurrent_kernel']"}
   assert all('tokens_per_s' in r for r in records if 'loss' in r)
   assert final['test_ppl'] == records[-1]['test_ppl'] and final['test_ppl'] < 3000  # uniform: 10,000
-  assert os.listdir(tmp_path / 'tensorboard')
+  assert os.listdir(workdir / 'tensorboard')
+
+
+def test_epoch_records_carry_the_topology_change(reference):
+  _, workdir, _ = reference
+  first = _epoch_records(str(workdir))[0]
+  assert set(first['topology_distance']) == {
+      "['decoder_kernel']", "['embedding']", "['lstm_0']['input_kernel']",
+      "['lstm_0']['recurrent_kernel']", "['lstm_1']['input_kernel']",
+      "['lstm_1']['recurrent_kernel']"}
+  # ceil(p * active) weights of each matrix moved, less the few regrown where
+  # they were just removed.
+  rate = first['death_rate']
+  for name, distance in first['topology_distance'].items():
+    assert 0.8 * rate < distance < rate + 0.01, (name, distance, rate)
+  # The switch to averaging skips that epoch's update, as the reference does.
+  assert _epoch_records(str(workdir))[1]['topology_distance'] == {}
 
 
 def test_dense_training_has_no_masks(tiny_config, tmp_path):
+  import orbax.checkpoint as ocp
   tiny_config.method = 'dense'
   tiny_config.num_epochs = 1
-  train.train_and_evaluate(tiny_config, str(tmp_path))
+  final = train.train_and_evaluate(tiny_config, str(tmp_path))
   assert _epoch_records(str(tmp_path))[0]['density'] == 1.0
+  # Every weight exists: embedding, 2 LSTM layers (two kernels, two biases), decoder.
+  lstm = 2 * (16 * 64 + 16 * 64 + 64 + 64)
+  assert final['params'] == 10_000 * 16 + lstm + 16 * 10_000 + 10_000
+  manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
+  state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  assert not state['masks'] or all(m is None for m in jax.tree.leaves(
+      state['masks'], is_leaf=lambda x: x is None))
+  # No weight was masked to zero (a 0.33-density mask would zero two thirds of them).
+  for name in ('embedding', 'decoder_kernel'):
+    assert np.count_nonzero(state['params'][name]) == state['params'][name].size
 
 
 class Interrupted(Exception):
   pass
 
 
-def test_interrupted_run_resumes_to_identical_results(tiny_config, tmp_path, monkeypatch):
-  _switch_after_first_epoch(monkeypatch)
-  tiny_config.checkpoint_every_steps = 5
-  tiny_config.growth = 'gradient'
-  reference = train.train_and_evaluate(tiny_config, str(tmp_path / 'reference'))
-
-  # Die at step 32 (epoch 3, after the switch, 2 steps past a mid-epoch checkpoint)...
+def test_interrupted_run_resumes_to_identical_results(reference, tmp_path, monkeypatch):
+  config, reference_dir, reference_final = reference
+  # Die at step 26 (epoch 3, after the switch, 2 steps past a mid-epoch checkpoint)...
   real_write = metrics_lib.MetricWriter.write
 
   def dying_write(self, record):
     real_write(self, record)
-    if record.get('step') == 32 and 'loss' in record:
+    if record.get('step') == 26 and 'loss' in record:
       raise Interrupted()
 
   monkeypatch.setattr(metrics_lib.MetricWriter, 'write', dying_write)
   with pytest.raises(Interrupted):
-    train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
+    train.train_and_evaluate(config, str(tmp_path))
   monkeypatch.setattr(metrics_lib.MetricWriter, 'write', real_write)
   # ...and start again with the same workdir.
-  resumed = train.train_and_evaluate(tiny_config, str(tmp_path / 'resumed'))
-  assert resumed == reference
-  assert _epoch_records(str(tmp_path / 'resumed')) == [
-      {**r, 'epoch_time_s': r2['epoch_time_s'], 'train_tokens_per_s': r2['train_tokens_per_s']}
-      for r, r2 in zip(_epoch_records(str(tmp_path / 'reference')),
-                       _epoch_records(str(tmp_path / 'resumed')))]
+  assert train.train_and_evaluate(config, str(tmp_path)) == reference_final
+  timing = ('epoch_time_s', 'train_tokens_per_s')
+  assert [{k: v for k, v in r.items() if k not in timing} for r in _epoch_records(str(tmp_path))
+          ] == [{k: v for k, v in r.items() if k not in timing}
+                for r in _epoch_records(str(reference_dir))]
 
 
 def _cli(workdir, *overrides):
+  """The command line of a tiny run; with no overrides, that of the reference run."""
   return [sys.executable, '-m', 'experiments.main',
           '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={workdir}',
           '--config.data_dir=../shared/data', '--config.download=False', '--config.emsize=16',
           '--config.nhid=16', '--config.batch_size=4', '--config.eval_batch_size=64',
-          '--config.bptt=10', '--config.lr=5', '--config.num_epochs=2',
-          '--config.max_steps_per_epoch=24', '--config.log_every=1', *overrides]
+          '--config.bptt=5', '--config.lr=5', '--config.dropout=0.1', '--config.death_rate=0.5',
+          *(f'--config.{k}={v}' for k, v in REFERENCE.items()), *overrides]
 
 
-def test_killed_process_resumes_to_identical_results(shared_data_dir, tmp_path):
+def test_killed_process_resumes_to_identical_results(reference, tmp_path):
+  _, reference_dir, _ = reference
   env = {**os.environ, 'PYTHONPATH': ROOT}
-  done = subprocess.run(_cli(tmp_path / 'a'), cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  process = subprocess.Popen(_cli(tmp_path / 'b', '--config.checkpoint_every_steps=10'),
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  metrics = tmp_path / 'b' / 'metrics.jsonl'
+  process = subprocess.Popen(_cli(tmp_path, '--config.log_every=1'), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 240
-  while time.time() < deadline:  # kill -9 once it is past a mid-epoch checkpoint
-    if metrics.exists() and any(r.get('step', 0) >= 13
+  while time.time() < deadline:  # kill -9 once it is past the mid-epoch checkpoint of step 14
+    if metrics.exists() and any(r.get('step', 0) >= 15
                                 for r in metrics_lib.read_records(str(metrics))):
       break
-    time.sleep(0.05)
+    time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
-  process.wait()
-  resumed = subprocess.run(_cli(tmp_path / 'b', '--config.checkpoint_every_steps=10'), cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=300)
+  assert process.wait() == -signal.SIGKILL  # killed, not finished
+  resumed = subprocess.run(_cli(tmp_path, '--config.log_every=1'), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert 'Resumed from' in resumed.stderr
-  final_a = metrics_lib.read_records(str(tmp_path / 'a' / 'metrics.jsonl'))[-1]
-  final_b = metrics_lib.read_records(str(metrics))[-1]
-  assert final_a['test_ppl'] == final_b['test_ppl']
-  assert [r['val_ppl'] for r in _epoch_records(str(tmp_path / 'a'))] == [
-      r['val_ppl'] for r in _epoch_records(str(tmp_path / 'b'))]
+  # The command line trains the library's reference run, kill or no kill.
+  final = metrics_lib.read_records(str(metrics))[-1]
+  assert final['test_ppl'] == metrics_lib.read_records(str(reference_dir / 'metrics.jsonl'))[-1][
+      'test_ppl']
+  assert [r['val_ppl'] for r in _epoch_records(str(reference_dir))] == [
+      r['val_ppl'] for r in _epoch_records(str(tmp_path))]
 
 
 @pytest.mark.parametrize('override,message', [
@@ -132,8 +165,8 @@ def test_user_errors_are_one_line(shared_data_dir, tmp_path, override, message):
   result = subprocess.run(_cli(tmp_path, override), cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env={**os.environ, 'PYTHONPATH': ROOT})
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines() == [f'error: {message}'] or (
-      result.stderr.strip().splitlines()[-1].startswith(f'error: {message}'))
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: {message}'), lines
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
 
@@ -188,6 +221,14 @@ def test_every_method_trains_at_its_promised_density(tiny_config, tmp_path, meth
   # GMP prunes from dense to the target by mid-training.
   assert final['density'] == pytest.approx(0.33, abs=2e-4)
   assert epochs[0]['density'] == pytest.approx(0.33, abs=2e-4)
+  # The logged rates are the ones the method uses: RigL's cosine reaches 0 at the last
+  # update (step 3), the others' decays to 0.005 at the end (step 6); GMP logs its density.
+  logged = {k: [r.get(k) for r in epochs] for k in ('death_rate', 'target_density')}
+  expected = {'static': [None, None], 'rigl': [0.0, 0.0], 'gmp': [None, None]}.get(
+      method, [pytest.approx(0.005 + (0.5 - 0.005) * 0.5), pytest.approx(0.005)])
+  assert logged['death_rate'] == expected
+  assert logged['target_density'] == ([pytest.approx(0.33), pytest.approx(0.33)]
+                                      if method == 'gmp' else [None, None])
 
 
 def test_compare_runner_writes_the_table_and_skips_finished_runs(shared_data_dir, tmp_path):
@@ -196,7 +237,7 @@ def test_compare_runner_writes_the_table_and_skips_finished_runs(shared_data_dir
              '--methods=dense,snfs', '--optimizers=sgd', '--seeds=1,2',
              f'--config.data_dir={shared_data_dir}', '--config.download=False',
              '--config.emsize=16', '--config.nhid=16', '--config.batch_size=4',
-             '--config.eval_batch_size=64', '--config.bptt=10', '--config.lr=5',
+             '--config.eval_batch_size=64', '--config.bptt=5', '--config.lr=5',
              '--config.num_epochs=1', '--config.max_steps_per_epoch=3', '--lrs=momentum:1.0']
   env = {**os.environ, 'PYTHONPATH': ROOT}
   first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -218,17 +259,45 @@ def test_compare_runner_writes_the_table_and_skips_finished_runs(shared_data_dir
   assert (tmp_path / 'snfs-sgd-seed1' / 'metrics.jsonl').stat().st_mtime == stamp
 
 
-def test_epoch_records_carry_the_topology_change(tiny_config, tmp_path):
-  tiny_config.num_epochs = 2
-  tiny_config.max_steps_per_epoch = 3
-  train.train_and_evaluate(tiny_config, str(tmp_path))
-  first = _epoch_records(str(tmp_path))[0]
-  assert set(first['topology_distance']) == {
-      "['decoder_kernel']", "['embedding']", "['lstm_0']['input_kernel']",
-      "['lstm_0']['recurrent_kernel']", "['lstm_1']['input_kernel']",
-      "['lstm_1']['recurrent_kernel']"}
-  # ceil(p * active) weights of each matrix moved, less the few regrown where
-  # they were just removed.
-  rate = first['death_rate']
-  for name, distance in first['topology_distance'].items():
-    assert 0.8 * rate < distance < rate + 0.01, (name, distance, rate)
+def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(reference, tmp_path,
+                                                                        monkeypatch):
+  from selfish_jax.errors import TrainingDiverged
+  from selfish_jax.training import steps
+  config, _, reference_final = reference
+  real_make_train_step = steps.make_train_step
+
+  def poisoned_make_train_step(*args, **kwargs):
+    train_step = real_make_train_step(*args, **kwargs)
+
+    def step(state, window):  # from step 12 on (epoch 2) the weights and the loss are NaN
+      state, loss = train_step(state, window)
+      bad = state.step >= 12
+      params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), state.params)
+      return state.replace(params=params), jnp.where(bad, jnp.nan, loss)
+
+    return step
+
+  monkeypatch.setattr(steps, 'make_train_step', poisoned_make_train_step)
+  with pytest.raises(TrainingDiverged) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert str(error.value).startswith(
+      f'training diverged: the training loss is nan at step 12; the checkpoint of step 10 and '
+      f'the best weights in {tmp_path} are kept unchanged')
+  assert os.listdir(tmp_path / 'checkpoints') == ['10'] and os.listdir(tmp_path / 'best') == ['1']
+  assert all(np.isfinite(r['loss']) for r in metrics_lib.read_records(
+      str(tmp_path / 'metrics.jsonl')) if 'loss' in r)
+  # What was kept is intact: resuming from it gives the run that never diverged.
+  monkeypatch.setattr(steps, 'make_train_step', real_make_train_step)
+  assert train.train_and_evaluate(config, str(tmp_path)) == reference_final
+
+
+def test_diverging_cli_run_exits_with_one_error_line(shared_data_dir, tmp_path):
+  result = subprocess.run(_cli(tmp_path, '--config.lr=1e30'), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert result.returncode == 1
+  # Besides absl's log lines ("I1124 16:22:27.12 ..."), stderr holds the error alone.
+  errors = [line for line in result.stderr.splitlines() if not re.match(r'[IWEF]\d{4} ', line)]
+  assert len(errors) == 1 and errors[0].startswith(
+      'error: training diverged: the training loss is nan at step '), result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert not os.listdir(tmp_path / 'checkpoints')  # nothing of the diverged run saved

@@ -1,0 +1,57 @@
+"""The one error path of the command-line programs.
+
+A problem the user can fix (an unknown flag or config key, a bad value, a
+missing or corrupt data file, a diverged run) is printed as one line
+``error: ...`` on stderr and the program exits with status 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable, NoReturn
+
+from absl import app, flags
+
+from selfish_jax.errors import UserError
+
+
+def fail(message: object) -> NoReturn:
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _flags_parser(config_flag: flags.FlagHolder) -> Callable[[list[str]], list[str]]:
+  """absl flag parsing with one-line errors (unknown config keys, bad config files)."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      args = flags.FLAGS(argv)
+      config_flag.value.keys()  # a config file that failed to load raises here
+      return args
+    except flags.Error as e:
+      fail(e)
+    except (AttributeError, KeyError) as e:
+      text = str(e).replace('\\n', ' ')
+      key = re.search(r"'([^'\\]+)\\?'", text)
+      hint = re.search(r'Did you mean "([^"]+)"', text)
+      fail(f'unknown config key {key.group(1) if key else text!r}'
+           + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+    except (OSError, ValueError, TypeError) as e:
+      fail(e)
+
+  return parse
+
+
+def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder) -> None:
+  """``app.run(main)`` with one-line errors for bad flags and for every :class:`UserError`."""
+
+  def guarded(argv: list[str]) -> None:
+    if len(argv) > 1:
+      fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    try:
+      main(argv)
+    except UserError as e:
+      fail(e)
+
+  app.run(guarded, flags_parser=_flags_parser(config_flag))
