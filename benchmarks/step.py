@@ -4,7 +4,7 @@ r"""Speed of one configuration: train step, evaluation and topology update.
 
 Prints one JSON object: compile time, train-step time percentiles and tokens/s
 (after warm-up, >= 50 timed steps), evaluation tokens/s, one topology update's
-time, and the achieved GFLOP/s of the train step: the weight products a step
+time (Selfish-RNN's, called as the training loop calls it), and the achieved GFLOP/s of the train step: the weight products a step
 executes, 3x the dense forward FLOPs per token (see ``selfish_jax.flops``; the
 step multiplies dense matrices whatever their masks), divided by its median
 time. Inputs are random tokens of the dataset's vocabulary size, so no data is
@@ -13,7 +13,6 @@ memory for reuse (``selfish_jax.host``); ``--noretain_freed_memory`` measures
 without that.
 """
 
-import functools
 import json
 import time
 
@@ -28,6 +27,7 @@ from selfish_jax import flops as flops_lib
 from selfish_jax import host
 from selfish_jax import sparsity
 from selfish_jax.data.corpus import KNOWN_CORPORA
+from selfish_jax.sparsity import methods
 from selfish_jax.training import steps, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
@@ -59,16 +59,17 @@ def benchmark(config) -> dict:
   state = train.create_train_state(config, model, tx, method, jax.random.key(config.seed))
 
   start = time.perf_counter()
-  compiled = jax.jit(steps.make_train_step(steps.make_grad_fn(model), tx, jax.random.key(1)),
-                     donate_argnums=0).lower(state, window).compile()
+  dropout_key = jax.random.key(1)
+  compiled = jax.jit(steps.make_train_step(steps.make_grad_fn(model), tx),
+                     donate_argnums=0).lower(state, window, dropout_key).compile()
   compile_s = time.perf_counter() - start
   for _ in range(_WARMUP.value):
-    state, _ = compiled(state, window)
+    state, _ = compiled(state, window, dropout_key)
   _block(state)
   times, losses = [], []
   for _ in range(_STEPS.value):
     start = time.perf_counter()
-    state, loss = compiled(state, window)
+    state, loss = compiled(state, window, dropout_key)
     losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   step_ms = np.array(times) * 1000
@@ -84,16 +85,18 @@ def benchmark(config) -> dict:
   eval_tokens_per_s = eval_windows.weights.size / (time.perf_counter() - start)
 
   topology_s, density_after_updates = None, None
-  if method.sparse:  # magnitude removal + random regrowth (Selfish-RNN) at the config's density
-    update = jax.jit(functools.partial(sparsity.update_topology, growth='random'),
-                     donate_argnums=(0, 1))
-    params, masks = _block(update(state.params, state.masks, jax.random.key(2), 0.5))
+  if method.sparse:
+    # Selfish-RNN's update (magnitude removal, random regrowth) at the config's death
+    # rate, called exactly as the training loop calls a method's update.
+    selfish = methods.make_method('selfish', density=config.density,
+                                  death_rate=config.death_rate, total_steps=1000)
+    params, masks = state.params, state.masks
     durations = []
-    for i in range(_TOPOLOGY_REPEATS.value):
+    for i in range(_TOPOLOGY_REPEATS.value + 1):  # the first call compiles
       start = time.perf_counter()
-      params, masks = _block(update(params, masks, jax.random.key(3 + i), config.death_rate))
+      params, masks, _ = _block(selfish.update(params, masks, {}, jax.random.key(2 + i), 0))
       durations.append(time.perf_counter() - start)
-    topology_s = float(np.median(durations))
+    topology_s = float(np.median(durations[1:]))
     density_after_updates = sparsity.overall_density(masks)
 
   dense_masks = jax.tree.map(lambda _: None, state.params)

@@ -143,16 +143,17 @@ def make_grad_fn(model: nn.Module, mesh: Mesh | None = None, groups: int = 0) ->
                        out_specs=(PartitionSpec(), batch, PartitionSpec()), check_vma=False)
 
 
-def make_train_step(grad_fn: GradFn, tx: optax.GradientTransformationExtraArgs,
-                    dropout_key: jax.Array) -> Callable[[TrainState, Windows], tuple]:
-  """``train_step(state, window) -> (state, loss)``; jit it at the call site.
+def make_train_step(grad_fn: GradFn, tx: optax.GradientTransformationExtraArgs
+                    ) -> Callable[[TrainState, Windows, jax.Array], tuple]:
+  """``train_step(state, window, dropout_key) -> (state, loss)``; jit it at the call site.
 
   ``grad_fn`` comes from :func:`make_grad_fn`. The dropout key of step ``s``
   is ``fold_in(dropout_key, s)``, so a resumed run draws the same dropout
-  masks as an uninterrupted one.
+  masks as an uninterrupted one. (The key is an argument, not a constant of
+  the program, so runs that differ only in their seed share compilations.)
   """
 
-  def train_step(state: TrainState, window: Windows):
+  def train_step(state: TrainState, window: Windows, dropout_key: jax.Array):
     key = jax.random.fold_in(dropout_key, state.step)
     loss, carry, grads = grad_fn(state.params, state.carry, window, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks)

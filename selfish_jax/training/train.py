@@ -165,8 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   initial_carry = lambda: parallel.put(model.initial_carry(config.batch_size), batch_sharded)
 
   grad_fn = steps.make_grad_fn(model, mesh, config.gradient_groups)
-  train_step = jax.jit(steps.make_train_step(grad_fn, tx, dropout_key), donate_argnums=0,
-                       in_shardings=(state_sharding, batch_sharded),
+  train_step = jax.jit(steps.make_train_step(grad_fn, tx), donate_argnums=0,
+                       in_shardings=(state_sharding, batch_sharded, replicated),
                        out_shardings=(state_sharding, replicated))
   evaluate_split = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
   evaluate = lambda params, windows: float(evaluate_split(params, windows))
@@ -245,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     losses, interval_start, interval_steps = [], time.time(), 0
     for index in range(host.window, steps_per_epoch):
       window = parallel.put(train_windows[index], batch_sharded)
-      state, loss = train_step(state, window)
+      state, loss = train_step(state, window, dropout_key)
       step = (epoch - 1) * steps_per_epoch + index + 1  # on the host: no device sync
       if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
         state = change_topology(state, jax.random.fold_in(topology_key, state.step), window)
