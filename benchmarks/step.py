@@ -4,7 +4,8 @@ r"""Speed of one configuration: train step, evaluation and topology update.
 
 Prints one JSON object: compile time, train-step time percentiles and tokens/s
 (after warm-up, >= 50 timed steps), evaluation tokens/s, one topology update's
-time (Selfish-RNN's, called as the training loop calls it), and the achieved GFLOP/s of the train step: the weight products a step
+time (Selfish-RNN's, called as the training loop calls it), and the achieved
+GFLOP/s of the train step: the weight products a step
 executes, 3x the dense forward FLOPs per token (see ``selfish_jax.flops``; the
 step multiplies dense matrices whatever their masks), divided by its median
 time. Inputs are random tokens of the dataset's vocabulary size, so no data is

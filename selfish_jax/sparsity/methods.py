@@ -279,8 +279,7 @@ def make_method(name: str, *, density: float, sparse_init: str = 'uniform',
     return Method(**common, removal_rate=cosine, update=_per_matrix_update(cosine, 'set', 'random'))
   if name == 'rigl':
     # RigL's drop fraction: cosine from death_rate to 0 at the last update.
-    rigl_rate = optax.cosine_decay_schedule(death_rate, end_step) if death_rate > 0 else (
-        optax.constant_schedule(0.0))
+    rigl_rate = optax.cosine_decay_schedule(death_rate, end_step)
     return Method(**common, scores='gradient', every_steps=every_steps, last_step=end_step,
                   removal_rate=rigl_rate,
                   update=_per_matrix_update(rigl_rate, 'magnitude', 'gradient'))

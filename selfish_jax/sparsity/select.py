@@ -406,8 +406,8 @@ def smallest_by(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
 
 
 # The public selections below are jitted: inside a training program each is
-# traced once per leaf shape (XLA inlines the calls, so fusion is unchanged),
-# and later programs over the same shapes reuse those traces.
+# traced once per leaf shape, and later programs over the same shapes reuse
+# those traces (and, called on their own, the compiled programs).
 
 
 def _eligible_key(eligible, key):
