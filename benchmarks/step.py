@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from selfish_jax import config as config_lib
 from selfish_jax import flops as flops_lib
-from selfish_jax import host
+from selfish_jax import host, models
 from selfish_jax import sparsity
 from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.sparsity import methods
@@ -49,11 +49,17 @@ def benchmark(config) -> dict:
   config_lib.validate(config)
   vocab = KNOWN_CORPORA[config.dataset].vocab_size
   rng = np.random.default_rng(0)
-  shape = (config.batch_size, config.bptt)
+  # Under variable BPTT every window is padded to bptt + max_bptt_delta steps,
+  # of which about bptt are real: the step runs on that padded shape, tokens/s
+  # counts bptt tokens a row and GFLOP/s the padded steps it computes.
+  length = config.bptt + (config.max_bptt_delta if config.variable_bptt else 0)
+  shape = (config.batch_size, length)
+  weights = np.zeros(shape, np.float32)
+  weights[:, :config.bptt] = 1.0
   window = steps.Windows(jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
                          jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
-                         jnp.ones(shape, jnp.float32))
-  model = train.build_model(config, vocab)
+                         jnp.asarray(weights))
+  model = models.build_model(config, vocab)
   tx = train.build_optimizer(config)
   # Timed like Selfish-RNN's update whatever the configured method.
   method = train.build_method(config, steps_per_epoch=1000)
@@ -76,9 +82,8 @@ def benchmark(config) -> dict:
   step_ms = np.array(times) * 1000
   tokens = config.batch_size * config.bptt
 
-  eval_windows = steps.Windows(*(jnp.stack([x] * 10) for x in (
-      window.inputs[:config.eval_batch_size], window.targets[:config.eval_batch_size],
-      window.weights[:config.eval_batch_size])))
+  eval_windows = steps.Windows(*(jnp.stack([x[:config.eval_batch_size, :config.bptt]] * 10)
+                                 for x in (window.inputs, window.targets, window.weights)))
   evaluate = jax.jit(steps.make_evaluate(model, eval_windows.inputs.shape[1]))
   _block(evaluate(state.params, eval_windows))
   start = time.perf_counter()
@@ -102,12 +107,14 @@ def benchmark(config) -> dict:
     density_after_updates = sparsity.overall_density(masks)
 
   dense_masks = jax.tree.map(lambda _: None, state.params)
-  flops = 3 * tokens * flops_lib.forward_flops_per_token(state.params, dense_masks,
-                                                         tied=config.tied)
+  flops = 3 * config.batch_size * length * flops_lib.forward_flops_per_token(
+      state.params, dense_masks, model.weight_uses)
   p50 = float(np.percentile(step_ms, 50))
   return {
-      'config': {k: config[k] for k in ('dataset', 'emsize', 'nhid', 'nlayers', 'batch_size',
-                                        'bptt', 'method', 'density', 'compute_dtype')},
+      'config': {k: config[k] for k in ('model', 'dataset', 'emsize', 'nhid', 'nlayers',
+                                        'batch_size', 'bptt', 'variable_bptt', 'method',
+                                        'density', 'compute_dtype')},
+      'params': sum(int(p.size) for p in jax.tree.leaves(state.params)),
       'device': str(jax.devices()[0]),
       'tokens_per_s': tokens / (p50 / 1000),
       'step_ms_p10': float(np.percentile(step_ms, 10)),

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from selfish_jax import optim
+from selfish_jax import models, optim
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks, methods, topology
 
+MODELS = models.MODELS
 METHODS = methods.METHODS
 OPTIMIZERS = optim.OPTIMIZERS
 DATASETS = ('ptb', 'wikitext2')
@@ -29,12 +30,28 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_dir = '~/.cache/selfish_jax'  # holds ptb/ and wikitext-2/; also the download cache
   c.download = True  # fetch missing splits (sha256-checked) from their public location
   c.download_url = ''  # a mirror serving {split}.txt, instead of the standard location
-  # Model.
+  # Model: the family, then the sizes and dropouts every family reads.
+  c.model = 'lstm'  # lstm | rhn | onlstm | awd_lstm_mos
   c.emsize = 200
   c.nhid = 200
   c.nlayers = 2
-  c.dropout = 0.3
+  c.dropout = 0.3  # lstm: everywhere (element-wise); others: locked, on the last output
   c.tied = False
+  # Family-specific (a value set away from its default is an error under a
+  # family that does not read it; see selfish_jax/models/interface.py).
+  c.dropout_input = 0.0  # rhn, onlstm, awd_lstm_mos: locked, on the embedded input
+  c.dropout_hidden = 0.0  # rhn: on s at every depth; onlstm, awd_lstm_mos: between layers
+  c.dropout_embedding = 0.0  # rhn, onlstm, awd_lstm_mos: whole words
+  c.weight_drop = 0.0  # onlstm, awd_lstm_mos: DropConnect on recurrent kernels
+  c.ar_alpha = 0.0  # onlstm, awd_lstm_mos: activation regularisation
+  c.tar_beta = 0.0  # onlstm, awd_lstm_mos: temporal activation regularisation
+  c.rhn_depth = 10  # rhn: highway micro-steps per token
+  c.rhn_transform_bias = -2.0  # rhn: initial transform-gate bias
+  c.rhn_init_scale = 0.04  # rhn: U(-s, s) initialisation of every weight
+  c.chunk_size = 10  # onlstm: units per master-gate level
+  c.nhid_last = 0  # awd_lstm_mos: last LSTM layer's size (0: emsize)
+  c.n_experts = 15  # awd_lstm_mos: softmaxes in the mixture
+  c.dropout_latent = 0.0  # awd_lstm_mos: locked, on the experts' latent vectors
   c.compute_dtype = 'float32'
   # Rows per chunk of the fused softmax-loss gradient (0: plain autodiff). About
   # 128 rows keep a 10,000-word tile of logits in a CPU's cache.
@@ -44,6 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 20
   c.eval_batch_size = 20
   c.bptt = 35
+  # AWD-LSTM's variable BPTT: each window is bptt (p=0.95) or bptt/2, plus
+  # N(0, 5) steps, at least 5 and at most bptt + max_bptt_delta; lr scales
+  # with the window's length / bptt. Windows are padded to one length.
+  c.variable_bptt = False
+  c.max_bptt_delta = 20
   c.lr = 20.0
   c.clip = 0.25
   c.weight_decay = 1.2e-6
@@ -92,6 +114,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if unknown:
     raise ConfigError(f'unknown config key(s): {", ".join(sorted(unknown))}')
   _check_choice(config, 'dataset', DATASETS)
+  _check_choice(config, 'model', MODELS)
   _check_choice(config, 'method', METHODS)
   _check_choice(config, 'sparse_init', SPARSE_INITS)
   _check_choice(config, 'growth', GROWTH_MODES)
@@ -108,14 +131,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f'density must be in (0, 1], got {config.density!r}')
   if not 0.0 <= config.death_rate <= 1.0:
     raise ConfigError(f'death_rate must be in [0, 1], got {config.death_rate!r}')
-  if not 0.0 <= config.dropout < 1.0:
-    raise ConfigError(f'dropout must be in [0, 1), got {config.dropout!r}')
+  for key in ('dropout', 'dropout_input', 'dropout_hidden', 'dropout_embedding',
+              'dropout_latent', 'weight_drop'):
+    if not 0.0 <= config[key] < 1.0:
+      raise ConfigError(f'{key} must be in [0, 1), got {config[key]!r}')
+  for key in ('ar_alpha', 'tar_beta'):
+    if config[key] < 0:
+      raise ConfigError(f'{key} must be >= 0, got {config[key]!r}')
   if not 0.0 < config.update_end_fraction <= 1.0:
     raise ConfigError(f'update_end_fraction must be in (0, 1], got {config.update_end_fraction!r}')
   for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
-              'num_epochs', 'log_every', 'update_every'):
+              'num_epochs', 'log_every', 'update_every', 'rhn_depth', 'chunk_size', 'n_experts'):
     _check_positive_int(config, key)
-  for key in ('nonmono', 'asgd_start_epoch', 'max_steps_per_epoch', 'checkpoint_every_steps',
+  for key in ('nhid_last', 'max_bptt_delta', 'nonmono', 'asgd_start_epoch', 'max_steps_per_epoch',
+              'checkpoint_every_steps',
               'num_devices', 'gradient_groups'):
     _check_positive_int(config, key, minimum=0)
   if config.gradient_groups and config.batch_size % config.gradient_groups:
@@ -123,6 +152,5 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f'gradient_groups={config.gradient_groups}')
   if config.lr <= 0:
     raise ConfigError(f'lr must be > 0, got {config.lr!r}')
-  if config.tied and config.emsize != config.nhid:
-    raise ConfigError(f'tied weights need emsize == nhid, got {config.emsize} and {config.nhid}')
+  models.check_model_config(config, default_config())
   return config

@@ -9,20 +9,25 @@ weight gradient (RigL's update steps, SNFS's momentum every step) costs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from selfish_jax.sparsity import methods as methods_lib
-from selfish_jax.sparsity.masks import is_none
+from selfish_jax.sparsity.masks import is_none, key_names
 
 PyTree = Any
 
 
-def forward_flops_per_token(params: PyTree, masks: PyTree, *, tied: bool = False,
-                            embedding: str = 'embedding') -> float:
-  """2 x (active weights used per token); the embedding counts only when tied as the decoder."""
+def forward_flops_per_token(params: PyTree, masks: PyTree,
+                            weight_uses: Callable[[tuple[str, ...]], int]) -> float:
+  """2 x (active weights x uses per token) over the weight matrices.
+
+  ``weight_uses(names)`` is the model's :meth:`weight_uses`: how many times each
+  weight of the leaf at that key path multiplies per token (0 for a lookup
+  embedding, the number of experts for a mixture-of-softmaxes decoder).
+  """
   flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
   flat_params = jax.tree.leaves(params)
   total = 0.0
@@ -30,10 +35,7 @@ def forward_flops_per_token(params: PyTree, masks: PyTree, *, tied: bool = False
     if param.ndim < 2:
       continue  # biases: additions, not counted
     active = param.size if mask is None else int(np.sum(np.asarray(mask)))
-    is_embedding = getattr(path[-1], 'key', None) == embedding
-    if is_embedding and not tied:
-      continue
-    total += 2.0 * active
+    total += 2.0 * active * weight_uses(key_names(path))
   return total
 
 

@@ -212,9 +212,10 @@ def test_training_flops_relative_to_dense():
   from selfish_jax import flops
   params, masks = _problem(0.25)
   dense = methods.make_method('dense', density=1.0, total_steps=100)
-  dense_fwd = flops.forward_flops_per_token(params, dense.init_masks(None, params))
+  once = lambda names: 1
+  dense_fwd = flops.forward_flops_per_token(params, dense.init_masks(None, params), once)
   assert dense_fwd == 2 * (30 * 40 + 20 * 64)  # no embedding here; biases not counted
-  sparse_fwd = flops.forward_flops_per_token(params, masks)
+  sparse_fwd = flops.forward_flops_per_token(params, masks, once)
   assert sparse_fwd == pytest.approx(0.25 * dense_fwd, abs=2)
   rel = lambda name, **kw: flops.train_flops_relative(
       methods.make_method(name, density=0.25, total_steps=1000, every_steps=100, **kw),
@@ -228,7 +229,10 @@ def test_training_flops_relative_to_dense():
   assert rel('rigl') == pytest.approx(expected)
   gmp = rel('gmp')
   assert 0.25 < gmp < 1.0  # dense start, cubic decay to 0.25 at 75% of training
-  # The embedding is a lookup unless it is also the (tied) decoder.
+  # Each matrix counts as often as the model multiplies it per token: the
+  # embedding not at all as a lookup, once per expert as a tied MoS decoder.
   lm = {'embedding': jnp.zeros((10, 4)), 'w': jnp.zeros((4, 4))}
-  assert flops.forward_flops_per_token(lm, {'embedding': None, 'w': None}) == 32
-  assert flops.forward_flops_per_token(lm, {'embedding': None, 'w': None}, tied=True) == 112
+  uses = lambda n: lambda names: n if names == ('embedding',) else 1
+  assert flops.forward_flops_per_token(lm, {'embedding': None, 'w': None}, uses(0)) == 32
+  assert flops.forward_flops_per_token(lm, {'embedding': None, 'w': None}, uses(1)) == 112
+  assert flops.forward_flops_per_token(lm, {'embedding': None, 'w': None}, uses(3)) == 272

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from selfish_jax.models import lstm
+from selfish_jax.models import lstm, softmax
 from selfish_jax.training import steps
 
 
@@ -130,14 +130,14 @@ def test_fused_loss_gradient_equals_plain_autodiff(chunk_rows):
 
 
 def test_chunk_steps_is_the_largest_fitting_divisor():
-  assert lstm.chunk_steps(35, 20, 128) == 5
-  assert lstm.chunk_steps(35, 20, 700) == 35
-  assert lstm.chunk_steps(35, 20, 10) == 1
-  assert lstm.chunk_steps(35, 20, 0) == 35
-  assert lstm.chunk_steps(8, 3, 11) == 2
+  assert softmax.chunk_steps(35, 20, 128) == 5
+  assert softmax.chunk_steps(35, 20, 700) == 35
+  assert softmax.chunk_steps(35, 20, 10) == 1
+  assert softmax.chunk_steps(35, 20, 0) == 35
+  assert softmax.chunk_steps(8, 3, 11) == 2
   with pytest.raises(ValueError, match='do not divide'):
-    lstm._weighted_nll_sum_fwd(jnp.zeros((7, 1, 2)), jnp.zeros((2, 3)), jnp.zeros(3),
-                               jnp.zeros((7, 1), jnp.int32), jnp.zeros((7, 1)), 2)
+    softmax._weighted_nll_sum_fwd(jnp.zeros((7, 1, 2)), jnp.zeros((2, 3)), jnp.zeros(3),
+                                  jnp.zeros((7, 1), jnp.int32), jnp.zeros((7, 1)), 2)
 
 
 def test_fused_loss_in_bfloat16_gives_float32_gradients_close_to_plain():
@@ -156,17 +156,22 @@ def test_fused_loss_in_bfloat16_gives_float32_gradients_close_to_plain():
     np.testing.assert_allclose(fused, plain, rtol=0.05, atol=2e-3)
 
 
-def _autodiff_recurrence(projected, w_rec, carry):
-  """The LSTM recurrence as a plain scan, differentiated by JAX (the reference)."""
+def _autodiff_recurrence(projected, w_rec, carry, valid=None):
+  """The LSTM recurrence as a plain scan, differentiated by JAX (the reference);
+  where ``valid [T, B, 1]`` is False the state is held."""
+  if valid is None:
+    valid = jnp.ones(projected.shape[:2] + (1,), bool)
 
-  def step(carry, x_t):
-    h, c = carry
-    i, f, g, o = jnp.split(x_t + h @ w_rec, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  def step(carry, inputs):
+    x_t, v = inputs
+    h0, c0 = carry
+    i, f, g, o = jnp.split(x_t + h0 @ w_rec, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c0 + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    h, c = jnp.where(v, h, h0), jnp.where(v, c, c0)
     return (h, c), h
 
-  carry, hs = jax.lax.scan(step, carry, projected)
+  carry, hs = jax.lax.scan(step, carry, (projected, valid))
   return hs, carry
 
 
@@ -187,7 +192,7 @@ def test_lstm_recurrence_gradient_equals_autodiff(dtype, tolerance):
       return jnp.sum(hs * d_hs) + jnp.sum(h * d_h) + jnp.sum(c * d_c)
     return f
 
-  ours = lambda p, w, c: lstm.lstm_recurrence(p, w, c, dtype)
+  ours = lambda p, w, c: lstm.lstm_recurrence(p, w, c, None, dtype)
   np.testing.assert_allclose(loss(ours)(projected, w_rec, carry),
                              loss(_autodiff_recurrence)(projected, w_rec, carry),
                              rtol=tolerance, atol=tolerance)
@@ -196,3 +201,31 @@ def test_lstm_recurrence_gradient_equals_autodiff(dtype, tolerance):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(b))))
+
+
+def test_lstm_recurrence_holds_its_state_through_padding_with_the_right_gradient():
+  keys = jax.random.split(jax.random.key(3), 6)
+  steps_, batch, hidden = 6, 3, 4
+  projected = jax.random.normal(keys[0], (steps_, batch, 4 * hidden))
+  w_rec = 0.5 * jax.random.normal(keys[1], (hidden, 4 * hidden))
+  carry = (jax.random.normal(keys[2], (batch, hidden)), jax.random.normal(keys[3], (batch, hidden)))
+  # Row 0 real throughout, row 1 padded after 4 steps, row 2 after 1.
+  valid = (jnp.arange(steps_)[:, None] < jnp.array([6, 4, 1]))[..., None]
+  d_hs = jax.random.normal(keys[4], (steps_, batch, hidden))
+  d_h, d_c = jax.random.normal(keys[5], (2, batch, hidden))
+
+  def loss(fn):
+    def f(projected, w_rec, carry):
+      hs, (h, c) = fn(projected, w_rec, carry, valid)
+      return jnp.sum(hs * d_hs) + jnp.sum(h * d_h) + jnp.sum(c * d_c)
+    return f
+
+  hs, (h, c) = lstm.lstm_recurrence(projected, w_rec, carry, valid)
+  # The final state of a padded row is its state after its last real step.
+  short, _ = lstm.lstm_recurrence(projected[:4], w_rec, carry)
+  np.testing.assert_allclose(h[1], short[3, 1], rtol=1e-6)
+  np.testing.assert_allclose(hs[5, 2], hs[0, 2], rtol=1e-6)
+  got = jax.grad(loss(lstm.lstm_recurrence), argnums=(0, 1, 2))(projected, w_rec, carry)
+  want = jax.grad(loss(_autodiff_recurrence), argnums=(0, 1, 2))(projected, w_rec, carry)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))

@@ -9,7 +9,7 @@ import pytest
 
 from selfish_jax import sparsity
 from selfish_jax.errors import ConfigError
-from selfish_jax.models.lstm import StackedLSTMLM
+from selfish_jax.models.lstm import StackedLSTMLM, lstm_gate_layout
 from selfish_jax.sparsity import select
 
 
@@ -221,7 +221,7 @@ def test_gate_densities_drift_apart_while_totals_stay_fixed():
   masks = sparsity.init_masks(jax.random.key(0), params, 0.3)
   params = sparsity.apply_masks(params, masks)
   total = _counts(masks)["['lstm_0']['recurrent_kernel']"]
-  before = sparsity.gate_densities(masks)["['lstm_0']['recurrent_kernel']"]
+  before = sparsity.gate_densities(masks, lstm_gate_layout)["['lstm_0']['recurrent_kernel']"]
   assert max(before.values()) - min(before.values()) < 0.05
   update = jax.jit(lambda p, m, k: sparsity.update_topology(p, m, k, 0.5))
   for step in range(8):
@@ -231,7 +231,7 @@ def test_gate_densities_drift_apart_while_totals_stay_fixed():
     params = jax.tree.map(lambda p, m, f: jnp.where(m & (p == 0), f, p), params, masks, fresh)
     params, masks = update(params, masks, jax.random.key(step))
     assert _counts(masks)["['lstm_0']['recurrent_kernel']"] == total
-  after = sparsity.gate_densities(masks)["['lstm_0']['recurrent_kernel']"]
+  after = sparsity.gate_densities(masks, lstm_gate_layout)["['lstm_0']['recurrent_kernel']"]
   assert after['f'] > before['f'] + 0.05 and after['o'] > before['o'] + 0.05
   assert after['i'] < before['i'] - 0.1
   assert sum(after.values()) * hidden * hidden == pytest.approx(total)

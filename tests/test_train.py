@@ -269,8 +269,8 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(reference
   def poisoned_make_train_step(*args, **kwargs):
     train_step = real_make_train_step(*args, **kwargs)
 
-    def step(state, window, key):  # from step 12 on (epoch 2) the weights and the loss are NaN
-      state, loss = train_step(state, window, key)
+    def step(state, window, *args):  # from step 12 on (epoch 2) the weights and loss are NaN
+      state, loss = train_step(state, window, *args)
       bad = state.step >= 12
       params = jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), state.params)
       return state.replace(params=params), jnp.where(bad, jnp.nan, loss)

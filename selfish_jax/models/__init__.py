@@ -1,5 +1,18 @@
-"""Language models with fused, maskable gate kernels."""
+"""Language-model families behind one interface, with fused, maskable gate kernels.
 
-from selfish_jax.models.lstm import LSTM_GATES, LSTMLayer, StackedLSTMLM, softmax_nll
+``lstm`` (stacked LSTM), ``rhn`` (Recurrent Highway Network), ``onlstm``
+(ON-LSTM) and ``awd_lstm_mos`` (AWD-LSTM with a mixture of softmaxes); see
+:mod:`selfish_jax.models.interface`.
+"""
 
-__all__ = ['LSTM_GATES', 'LSTMLayer', 'StackedLSTMLM', 'softmax_nll']
+from selfish_jax.models.interface import (FAMILIES, MODELS, LanguageModel, build_model,
+                                          check_model_config, init_params)
+from selfish_jax.models.lstm import LSTM_GATES, LSTMLayer, StackedLSTMLM
+from selfish_jax.models.mos import AWDLSTMMoSLM
+from selfish_jax.models.onlstm import ONLSTM_GATES, ONLSTMLM
+from selfish_jax.models.rhn import RHN_GATES, RHNLM
+from selfish_jax.models.softmax import softmax_nll
+
+__all__ = ['FAMILIES', 'MODELS', 'LanguageModel', 'build_model', 'check_model_config',
+           'init_params', 'LSTM_GATES', 'LSTMLayer', 'StackedLSTMLM',
+           'AWDLSTMMoSLM', 'ONLSTM_GATES', 'ONLSTMLM', 'RHN_GATES', 'RHNLM', 'softmax_nll']

@@ -3,8 +3,10 @@
 from selfish_jax.optim.optimizers import OPTIMIZERS, make_optimizer, momentum_of
 from selfish_jax.optim.snt_asgd import (SparseAveragingState, averaged_params, clip_and_decay,
                                         is_averaging, mask_updates, masked, nonmonotone_trigger,
-                                        sgd, snt_asgd, sparse_averaging, start_averaging)
+                                        scale_by_lr_factor, sgd, snt_asgd, sparse_averaging,
+                                        start_averaging)
 
 __all__ = ['OPTIMIZERS', 'make_optimizer', 'momentum_of', 'SparseAveragingState',
            'averaged_params', 'clip_and_decay', 'is_averaging', 'mask_updates', 'masked',
-           'nonmonotone_trigger', 'sgd', 'snt_asgd', 'sparse_averaging', 'start_averaging']
+           'nonmonotone_trigger', 'scale_by_lr_factor', 'sgd', 'snt_asgd', 'sparse_averaging',
+           'start_averaging']

@@ -13,7 +13,7 @@ from typing import Any
 import optax
 
 from selfish_jax.errors import ConfigError
-from selfish_jax.optim.snt_asgd import clip_and_decay, masked, sgd, snt_asgd
+from selfish_jax.optim.snt_asgd import clip_and_decay, masked, scale_by_lr_factor, sgd, snt_asgd
 
 OPTIMIZERS = ('snt_asgd', 'sgd', 'momentum', 'adam')
 # Names under which optax states keep a first moment: optax.trace -> TraceState.trace,
@@ -33,7 +33,7 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
     return sgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
   base = (optax.trace(decay=momentum) if name == 'momentum'
           else optax.scale_by_adam(b1=momentum))
-  return optax.chain(*clip_and_decay(clip_norm, weight_decay), base,
+  return optax.chain(*clip_and_decay(clip_norm, weight_decay), base, scale_by_lr_factor(),
                      optax.scale_by_learning_rate(learning_rate), masked())
 
 

@@ -115,6 +115,18 @@ def clip_and_decay(clip_norm: float | None, weight_decay: float) -> list:
   return parts + [optax.add_decayed_weights(weight_decay)]
 
 
+def scale_by_lr_factor() -> optax.GradientTransformationExtraArgs:
+  """Stateless: multiplies the updates by the ``lr_factor`` keyword of ``update``
+  (1 when it is not given). Placed just before the learning-rate scaling, it
+  scales the step size of that one step, as AWD-LSTM's variable BPTT does."""
+
+  def update_fn(updates, state, params=None, *, lr_factor=1.0, **extra_args):
+    del params, extra_args
+    return jax.tree.map(lambda u: u * jnp.asarray(lr_factor, u.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
 def snt_asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
              clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
   """The Selfish-RNN optimizer: clip, weight decay, SGD step, mask, average.
@@ -127,17 +139,18 @@ def snt_asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6
   Returns:
     A transform whose ``update(grads, state, params, masks=masks)`` returns
     masked updates; it averages once :func:`start_averaging` switched it on.
+    ``update(..., lr_factor=f)`` scales that step's learning rate by ``f``.
     Wrap it in ``optax.inject_hyperparams`` to schedule its hyperparameters,
     or chain it after other transforms.
   """
-  return optax.chain(*clip_and_decay(clip_norm, weight_decay),
+  return optax.chain(*clip_and_decay(clip_norm, weight_decay), scale_by_lr_factor(),
                      optax.scale_by_learning_rate(learning_rate), sparse_averaging())
 
 
 def sgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
         clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
   """:func:`snt_asgd` without averaging (no averaging state): the SGD phase only."""
-  return optax.chain(*clip_and_decay(clip_norm, weight_decay),
+  return optax.chain(*clip_and_decay(clip_norm, weight_decay), scale_by_lr_factor(),
                      optax.scale_by_learning_rate(learning_rate), masked())
 
 

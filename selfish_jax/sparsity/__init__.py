@@ -1,15 +1,15 @@
 """Sparse connectivity: masks, exact selection and topology updates."""
 
 from selfish_jax.sparsity.masks import (SPARSE_INITS, active_counts, apply_masks,
-                                        default_is_sparse, dense_masks, gate_densities, map_with_masks,
-                                        init_masks, leaf_densities, map_masked, mask_budgets,
-                                        overall_density, parameter_count, summarize,
-                                        topology_distance)
+                                        default_is_sparse, dense_masks, gate_densities,
+                                        init_masks, key_names, leaf_densities, map_masked,
+                                        map_with_masks, mask_budgets, overall_density,
+                                        parameter_count, summarize, topology_distance)
 from selfish_jax.sparsity.topology import (GROWTH_MODES, REMOVAL_MODES, death_rate_schedule,
                                            num_to_remove, update_leaf, update_topology)
 
 __all__ = ['GROWTH_MODES', 'REMOVAL_MODES', 'SPARSE_INITS', 'active_counts', 'apply_masks',
            'death_rate_schedule', 'default_is_sparse', 'dense_masks', 'gate_densities',
-           'init_masks', 'leaf_densities', 'map_masked', 'map_with_masks', 'mask_budgets', 'num_to_remove',
-           'overall_density', 'parameter_count', 'summarize', 'topology_distance', 'update_leaf',
-           'update_topology']
+           'init_masks', 'key_names', 'leaf_densities', 'map_masked', 'map_with_masks',
+           'mask_budgets', 'num_to_remove', 'overall_density', 'parameter_count', 'summarize',
+           'topology_distance', 'update_leaf', 'update_topology']

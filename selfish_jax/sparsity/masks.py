@@ -28,6 +28,11 @@ def is_none(x: Any) -> bool:
   return x is None
 
 
+def key_names(path: tuple) -> tuple[str, ...]:
+  """A ``jax.tree_util`` key path of dict keys as plain strings: ``('lstm_0', 'input_kernel')``."""
+  return tuple(str(getattr(entry, 'key', entry)) for entry in path)
+
+
 def default_is_sparse(path: tuple, leaf: jax.Array) -> bool:
   """Weight matrices and embeddings are sparse; vectors (biases) stay dense."""
   del path
@@ -159,26 +164,31 @@ def overall_density(masks: Masks) -> float:
   return float(sum(int(np.sum(m)) for m in leaves) / total) if total else 1.0
 
 
-def gate_densities(masks: Masks, gates: tuple[str, ...] = ('i', 'f', 'g', 'o'),
-                   is_gated: Callable[[tuple], bool] | None = None
-                   ) -> dict[str, dict[str, float]]:
+GateLayout = Callable[[tuple, tuple], 'tuple[tuple[str, int], ...] | None']
+
+
+def gate_densities(masks: Masks, gate_layout: GateLayout) -> dict[str, dict[str, float]]:
   """Density of each gate's block in every fused gate matrix.
 
-  A fused kernel ``[in, len(gates) * H]`` holds the gates side by side on its
-  last axis. ``is_gated(path)`` picks the fused kernels; by default the leaves
-  named ``input_kernel`` and ``recurrent_kernel``.
+  ``gate_layout(names, shape)`` (a model's :meth:`gate_layout`, ``names`` the
+  leaf's path of dict keys) gives ``((gate, columns), ...)`` side by side on
+  the last axis of a fused kernel, or None for leaves that are not one.
   """
-  from selfish_jax.models import lstm  # the model defines the kernel names
-  if is_gated is None:
-    names = (lstm.INPUT_KERNEL, lstm.RECURRENT_KERNEL)
-    is_gated = lambda path: getattr(path[-1], 'key', None) in names
   flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
   result = {}
   for path, mask in flat:
-    if mask is None or not is_gated(path):
+    if mask is None:
       continue
-    blocks = np.split(np.asarray(mask), len(gates), axis=-1)
-    result[jax.tree_util.keystr(path)] = {g: float(b.mean()) for g, b in zip(gates, blocks)}
+    names = key_names(path)
+    blocks = gate_layout(names, tuple(mask.shape))
+    if blocks is None:
+      continue
+    mask = np.asarray(mask)
+    if sum(width for _, width in blocks) != mask.shape[-1]:
+      raise ValueError(f'gate layout {blocks} does not cover {names} of shape {mask.shape}')
+    edges = np.cumsum([width for _, width in blocks])[:-1]
+    result[jax.tree_util.keystr(path)] = {
+        gate: float(block.mean()) for (gate, _), block in zip(blocks, np.split(mask, edges, -1))}
   return result
 
 
@@ -203,7 +213,7 @@ def topology_distance(masks_a: Masks, masks_b: Masks) -> dict[str, float]:
   return result
 
 
-def summarize(masks: Masks) -> Mapping[str, Any]:
+def summarize(masks: Masks, gate_layout: GateLayout) -> Mapping[str, Any]:
   """Overall density, per-leaf counts and per-gate densities, for logging."""
   return {'density': overall_density(masks), 'active': active_counts(masks),
-          'gate_density': gate_densities(masks)}
+          'gate_density': gate_densities(masks, gate_layout)}

@@ -13,6 +13,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from selfish_jax.data import batching
+from selfish_jax.models import layers
 from selfish_jax.training import parallel
 
 PyTree = Any
@@ -26,7 +27,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: model parameters, zero wherever their mask is False.
     masks: boolean masks beside ``params`` (``None`` for dense leaves).
     opt_state: optimizer state (SNT-ASGD averages and counters included).
-    carry: the LSTM state carried from one BPTT window to the next.
+    carry: the recurrent state carried from one BPTT window to the next.
     method_state: what the sparse method carries between updates (DSR's threshold).
   """
   step: jax.Array
@@ -71,12 +72,50 @@ def make_windows(columns: np.ndarray, bptt: int) -> Windows:
   return Windows(inputs, targets, weights)
 
 
-def window_nll(model: nn.Module, params: PyTree, carry: PyTree, window: Windows, *,
-               train: bool, key: jax.Array | None = None) -> tuple[jax.Array, PyTree]:
-  """Summed NLL of the real (unpadded) tokens of ``window``, and the new carry."""
-  rngs = {'dropout': key} if train else {}
-  return model.apply({'params': params}, window.inputs, carry, train=train,
-                     targets=window.targets, weights=window.weights, rngs=rngs)
+def make_variable_windows(columns: np.ndarray, bptt: int, max_delta: int,
+                          rng: np.random.Generator) -> tuple[Windows, np.ndarray]:
+  """AWD-LSTM's variable-length BPTT windows of one epoch, and their lr factors.
+
+  Each window is ``bptt`` long with probability 0.95, else ``bptt / 2``, plus
+  ``N(0, 5)`` steps, then at least 5 and at most ``bptt + max_delta``; its lr
+  factor is that length over ``bptt`` (the last window keeps the factor of its
+  drawn length, as the reference does). Every window is padded to
+  ``bptt + max_delta`` steps, so one compiled step serves them all.
+  """
+  last = columns.shape[1] - 1
+  plan, start = [], 0
+  while start < last:
+    base = bptt if rng.random() < 0.95 else bptt / 2.0
+    length = min(max(5, int(rng.normal(base, 5))), bptt + max_delta)
+    plan.append((start, min(length, last - start), length / bptt))
+    start += length
+  batch, width = columns.shape[0], bptt + max_delta
+  inputs = np.zeros((len(plan), batch, width), np.int32)
+  targets = np.zeros((len(plan), batch, width), np.int32)
+  weights = np.zeros((len(plan), batch, width), np.float32)
+  for index, (start, length, _) in enumerate(plan):
+    inputs[index, :, :length] = columns[:, start:start + length]
+    targets[index, :, :length] = columns[:, start + 1:start + 1 + length]
+    weights[index, :, :length] = 1.0
+  return Windows(inputs, targets, weights), np.array([f for _, _, f in plan], np.float32)
+
+
+def window_loss(model: nn.Module, params: PyTree, carry: PyTree, window: Windows, *,
+                train: bool, key: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, PyTree]:
+  """``(summed NLL of the real tokens, training penalty, new carry)`` of ``window``.
+
+  The penalty is what the model sowed into ``'penalties'`` (AR/TAR; 0 for
+  models without, and at evaluation).
+  """
+  if not train:
+    nll, carry = model.apply({'params': params}, window.inputs, carry, train=False,
+                             targets=window.targets, weights=window.weights)
+    return nll, jnp.float32(0.0), carry
+  (nll, carry), collections = model.apply(
+      {'params': params}, window.inputs, carry, train=True, targets=window.targets,
+      weights=window.weights, rngs={'dropout': key}, mutable=[layers.PENALTIES])
+  return nll, layers.total_penalty(collections), carry
 
 
 GradFn = Callable[[PyTree, PyTree, Windows, jax.Array], tuple[jax.Array, PyTree, PyTree]]
@@ -84,6 +123,8 @@ GradFn = Callable[[PyTree, PyTree, Windows, jax.Array], tuple[jax.Array, PyTree,
 
 def make_grad_fn(model: nn.Module, mesh: Mesh | None = None, groups: int = 0) -> GradFn:
   """``grad_fn(params, carry, window, key) -> (mean NLL, new carry, gradients)``.
+
+  The gradient is that of the mean NLL plus the model's training penalties.
 
   With ``groups == 0`` the gradient of the whole batch is one autodiff pass,
   and on a mesh XLA all-reduces the devices' partial gradients: the result
@@ -100,16 +141,15 @@ def make_grad_fn(model: nn.Module, mesh: Mesh | None = None, groups: int = 0) ->
   buffers per device and an all-gather instead of an all-reduce.
   """
 
-  def nll_sum(params, carry, window: Windows, key):
-    return window_nll(model, params, carry, window, train=True, key=key)
-
   if groups == 0:
-    def loss_fn(params, carry, window, key):
-      nll, carry = nll_sum(params, carry, window, key)
-      return nll / jnp.sum(window.weights), carry
+    def objective(params, carry, window, key):
+      nll, penalty, carry = window_loss(model, params, carry, window, train=True, key=key)
+      mean_nll = nll / jnp.sum(window.weights)
+      return mean_nll + penalty, (mean_nll, carry)
 
     def grad_fn(params, carry, window, key):
-      (loss, carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, carry, window, key)
+      (_, (loss, carry)), grads = jax.value_and_grad(objective, has_aux=True)(
+          params, carry, window, key)
       return loss, carry, grads
 
     return grad_fn
@@ -123,12 +163,18 @@ def make_grad_fn(model: nn.Module, mesh: Mesh | None = None, groups: int = 0) ->
   merge = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
   gather = lambda x: jax.lax.all_gather(x, parallel.DATA_AXIS, tiled=True)
 
+  def group_objective(params, carry, window, key):
+    # Summed NLL plus the penalty weighted by the group's tokens, so the sum
+    # over groups divided by all tokens is the mean NLL plus the mean penalty.
+    nll, penalty, carry = window_loss(model, params, carry, window, train=True, key=key)
+    return nll + penalty * jnp.sum(window.weights), (nll, carry)
+
   def local(params, carry, window, key):
     first_group = jax.lax.axis_index(parallel.DATA_AXIS) * local_groups
 
     def one_group(inputs):
       index, carry, window = inputs
-      (nll, carry), grads = jax.value_and_grad(nll_sum, has_aux=True)(
+      (_, (nll, carry)), grads = jax.value_and_grad(group_objective, has_aux=True)(
           params, carry, window, jax.random.fold_in(key, first_group + index))
       return nll, carry, grads
 
@@ -144,19 +190,25 @@ def make_grad_fn(model: nn.Module, mesh: Mesh | None = None, groups: int = 0) ->
 
 
 def make_train_step(grad_fn: GradFn, tx: optax.GradientTransformationExtraArgs
-                    ) -> Callable[[TrainState, Windows, jax.Array], tuple]:
-  """``train_step(state, window, dropout_key) -> (state, loss)``; jit it at the call site.
+                    ) -> Callable[..., tuple]:
+  """``train_step(state, window, dropout_key, lr_factor=1.0) -> (state, loss)``; jit it
+  at the call site.
 
   ``grad_fn`` comes from :func:`make_grad_fn`. The dropout key of step ``s``
   is ``fold_in(dropout_key, s)``, so a resumed run draws the same dropout
   masks as an uninterrupted one. (The key is an argument, not a constant of
   the program, so runs that differ only in their seed share compilations.)
+  ``lr_factor`` reaches the optimizer as an extra argument (see
+  :func:`selfish_jax.optim.scale_by_lr_factor`): variable-length BPTT scales
+  each step's learning rate by its window's length.
   """
 
-  def train_step(state: TrainState, window: Windows, dropout_key: jax.Array):
+  def train_step(state: TrainState, window: Windows, dropout_key: jax.Array,
+                 lr_factor: jax.Array | float = 1.0):
     key = jax.random.fold_in(dropout_key, state.step)
     loss, carry, grads = grad_fn(state.params, state.carry, window, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks,
+                                   lr_factor=lr_factor)
     params = optax.apply_updates(state.params, updates)
     carry = jax.lax.stop_gradient(carry)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -174,7 +226,7 @@ def make_evaluate(model: nn.Module, batch_size: int) -> Callable[[PyTree, Window
 
   def evaluate(params, windows: Windows):
     def body(carry, window: Windows):
-      nll, carry = window_nll(model, params, carry, window, train=False)
+      nll, _, carry = window_loss(model, params, carry, window, train=False)
       return carry, nll
 
     _, sums = jax.lax.scan(body, model.initial_carry(batch_size), windows)

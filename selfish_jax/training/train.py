@@ -24,10 +24,9 @@ import numpy as np
 import optax
 
 from selfish_jax import config as config_lib
-from selfish_jax import flops, optim, sparsity
+from selfish_jax import flops, models, optim, sparsity
 from selfish_jax.data import batchify, load_corpus
 from selfish_jax.errors import TrainingDiverged
-from selfish_jax.models.lstm import StackedLSTMLM
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps
 from selfish_jax.training.checkpoint import Checkpoints
@@ -72,13 +71,6 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
                                  'use a new workdir or the same settings')
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> StackedLSTMLM:
-  return StackedLSTMLM(vocab_size=vocab_size, emsize=config.emsize, nhid=config.nhid,
-                       nlayers=config.nlayers, dropout=config.dropout, tied=config.tied,
-                       compute_dtype=jnp.dtype(config.compute_dtype),
-                       loss_chunk_rows=config.loss_chunk_rows)
-
-
 def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   return optim.make_optimizer(config.optimizer, config.lr, weight_decay=config.weight_decay,
                               clip_norm=config.clip if config.clip > 0 else None,
@@ -93,14 +85,13 @@ def build_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> met
       every_steps=config.update_every, end_fraction=config.update_end_fraction)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: StackedLSTMLM,
+def create_train_state(config: ml_collections.ConfigDict, model: models.LanguageModel,
                        tx: optax.GradientTransformation, method: methods.Method,
                        key: jax.Array) -> steps.TrainState:
   """Initial parameters, masks (exact counts) and optimizer state."""
   params_key, mask_key = jax.random.split(key)
   carry = model.initial_carry(config.batch_size)
-  params = jax.jit(lambda k: model.init(
-      k, jnp.zeros((1, 1), jnp.int32), model.initial_carry(1), train=False)['params'])(params_key)
+  params = models.init_params(model, params_key)
   # Not jitted as a whole (it runs once): the per-matrix selections are jitted
   # by shape, so one program is compiled per distinct matrix shape.
   masks = method.init_masks(mask_key, params)
@@ -134,13 +125,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   corpus = load_corpus(config.dataset, config.data_dir, allow_download=config.download,
                        base_url=config.download_url or None)
-  train_windows = steps.make_windows(batchify(corpus.train, config.batch_size), config.bptt)
+  train_columns = batchify(corpus.train, config.batch_size)
+  fixed_windows = steps.make_windows(train_columns, config.bptt)
+
+  def epoch_windows(epoch: int) -> tuple[steps.Windows, np.ndarray]:
+    """The epoch's training windows and per-window lr factors (drawn from the
+    seed and the epoch under variable BPTT, so a resumed epoch gets the same)."""
+    if not config.variable_bptt:
+      return fixed_windows, np.ones(fixed_windows.num_windows, np.float32)
+    return steps.make_variable_windows(train_columns, config.bptt, config.max_bptt_delta,
+                                       np.random.default_rng([config.seed, epoch]))
+
   valid_windows = steps.make_windows(batchify(corpus.valid, config.eval_batch_size), config.bptt)
   test_windows = steps.make_windows(batchify(corpus.test, config.eval_batch_size), config.bptt)
-  steps_per_epoch = train_windows.num_windows
+  # Nominal: variable BPTT draws a few more (shorter) windows an epoch. The
+  # method's schedules run over num_epochs x this many steps.
+  steps_per_epoch = fixed_windows.num_windows
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-  tokens_per_step = config.batch_size * config.bptt
   mesh = parallel.make_mesh(config.num_devices)
   parallel.check_batch_divisible(mesh, batch_size=config.batch_size,
                                  eval_batch_size=config.eval_batch_size,
@@ -150,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   valid_windows = parallel.put(valid_windows, parallel.batch_sharding(mesh, batch_axis=1))
   test_windows = parallel.put(test_windows, parallel.batch_sharding(mesh, batch_axis=1))
 
-  model = build_model(config, corpus.vocab_size)
+  model = models.build_model(config, corpus.vocab_size)
   tx = build_optimizer(config)
   root = jax.random.key(config.seed)
   init_key, dropout_key, topology_key, gradient_key = jax.random.split(root, 4)
@@ -166,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   grad_fn = steps.make_grad_fn(model, mesh, config.gradient_groups)
   train_step = jax.jit(steps.make_train_step(grad_fn, tx), donate_argnums=0,
-                       in_shardings=(state_sharding, batch_sharded, replicated),
+                       in_shardings=(state_sharding, batch_sharded, replicated, replicated),
                        out_shardings=(state_sharding, replicated))
   evaluate_split = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
   evaluate = lambda params, windows: float(evaluate_split(params, windows))
@@ -207,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('Resumed from %s at step %d (epoch %d, window %d).', workdir,
                  int(state.step), host.epoch, host.window)
   else:
-    summary = sparsity.summarize(state.masks)
+    summary = sparsity.summarize(state.masks, model.gate_layout)
     logging.info('Method %s, optimizer %s: %d of %d weights active (density %.4f of the '
                  'masked matrices); active per matrix %s', method.name, config.optimizer,
                  sparsity.parameter_count(state.params, state.masks),
@@ -237,36 +239,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints.save_latest(int(state.step), state, host.to_json())
     saved_step = int(state.step)
 
+  step = int(state.step)  # kept on the host from here on: no device sync per step
   while host.epoch <= config.num_epochs:
     epoch = host.epoch
     epoch_start = time.time()
     if host.window == 0:
       state = state.replace(carry=initial_carry())
-    losses, interval_start, interval_steps = [], time.time(), 0
-    for index in range(host.window, steps_per_epoch):
+    train_windows, lr_factors = epoch_windows(epoch)
+    epoch_steps = train_windows.num_windows
+    if config.max_steps_per_epoch:
+      epoch_steps = min(epoch_steps, config.max_steps_per_epoch)
+    losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
+    epoch_tokens = 0
+    for index in range(host.window, epoch_steps):
       window = parallel.put(train_windows[index], batch_sharded)
-      state, loss = train_step(state, window, dropout_key)
-      step = (epoch - 1) * steps_per_epoch + index + 1  # on the host: no device sync
+      state, loss = train_step(state, window, dropout_key, lr_factors[index])
+      step += 1
+      tokens = int(train_windows.weights[index].sum())
+      interval_tokens += tokens
+      epoch_tokens += tokens
       if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
         state = change_topology(state, jax.random.fold_in(topology_key, state.step), window)
       losses.append(loss)
       unchecked.append((step, loss))
       interval_steps += 1
       host.window = index + 1
-      if host.window % config.log_every == 0 or host.window == steps_per_epoch:
+      if host.window % config.log_every == 0 or host.window == epoch_steps:
         check_losses()
         mean_loss = float(jnp.mean(jnp.stack(losses)))
         elapsed = time.time() - interval_start
         record = {'step': int(state.step), 'epoch': epoch, 'loss': mean_loss,
                   'ppl': _perplexity(mean_loss), 'ms_per_step': 1000 * elapsed / interval_steps,
-                  'tokens_per_s': tokens_per_step * interval_steps / elapsed}
+                  'tokens_per_s': interval_tokens / elapsed}
         writer.write(record)
         logging.info('| epoch %3d | %5d/%5d windows | loss %5.2f | ppl %8.2f | '
-                     '%6.1f ms/step | %6.0f tokens/s', epoch, host.window, steps_per_epoch,
+                     '%6.1f ms/step | %6.0f tokens/s', epoch, host.window, epoch_steps,
                      mean_loss, record['ppl'], record['ms_per_step'], record['tokens_per_s'])
-        losses, interval_start, interval_steps = [], time.time(), 0
+        losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
       if (config.checkpoint_every_steps and host.window % config.checkpoint_every_steps == 0
-          and host.window < steps_per_epoch):
+          and host.window < epoch_steps):
         save_latest()
     train_time = time.time() - epoch_start
 
@@ -289,17 +300,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not averaging:
       host.val_losses.append(val_loss)
     moved = {}
-    if method.updates_at(epoch * steps_per_epoch, epoch_end=True) and not switched:
+    if method.updates_at(step, epoch_end=True) and not switched:
       before = jax.device_get(state.masks)
       state = change_topology(state, jax.random.fold_in(topology_key, epoch),
                               parallel.put(train_windows[0], batch_sharded))
       moved = sparsity.topology_distance(before, jax.device_get(state.masks))
-    summary = sparsity.summarize(state.masks)
+    summary = sparsity.summarize(state.masks, model.gate_layout)
     record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
               'val_ppl': _perplexity(val_loss), 'density': summary['density'],
               'optimizer': 'asgd' if averaging else 'sgd', **method_rates(method, state.step),
               'epoch_time_s': time.time() - epoch_start,
-              'train_tokens_per_s': tokens_per_step * steps_per_epoch / max(train_time, 1e-9),
+              # Of this session's part of the epoch (all of it unless resumed mid-epoch).
+              'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
               'gate_density': summary['gate_density'],
               'topology_distance': moved}  # per matrix, this epoch's update
     writer.write(record)
@@ -318,8 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best = checkpoints.restore_best(state.params)
   test_loss = evaluate(best if best is not None else state.params, test_windows)
   dense_forward = flops.forward_flops_per_token(state.params, sparsity.dense_masks(state.params),
-                                                tied=config.tied)
-  sparse_forward = flops.forward_flops_per_token(state.params, state.masks, tied=config.tied)
+                                                model.weight_uses)
+  sparse_forward = flops.forward_flops_per_token(state.params, state.masks, model.weight_uses)
   final = {'step': int(state.step), 'test_loss': test_loss, 'test_ppl': _perplexity(test_loss),
            'best_val_loss': host.best_val_loss, 'best_val_ppl': _perplexity(host.best_val_loss),
            'density': sparsity.overall_density(state.masks),

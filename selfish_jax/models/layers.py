@@ -1,0 +1,116 @@
+"""Pieces every language-model family shares: initialisers, the regularisers of
+AWD-LSTM (embedding dropout, locked dropout, DropConnect, AR/TAR) and the
+freezing of the recurrent state on padded steps.
+
+All dropouts draw from the ``'dropout'`` RNG stream of the calling module and
+are identities when ``rate == 0`` or ``not train``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+GateBlocks = tuple[tuple[str, int], ...]  # (gate name, columns) along a fused kernel's last axis
+PENALTIES = 'penalties'  # the Flax collection models sow training penalties into
+
+
+def uniform_init(scale: float) -> nn.initializers.Initializer:
+  """U(-scale, scale), PyTorch's default for RNN and embedding weights."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -scale, scale)
+
+  return init
+
+
+def linear_init(fan_in: int) -> nn.initializers.Initializer:
+  """PyTorch's ``nn.Linear`` default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for kernel and bias."""
+  return uniform_init(1.0 / fan_in ** 0.5)
+
+
+def equal_gates(names: Sequence[str], columns: int) -> GateBlocks:
+  """``len(names)`` gates of equal width side by side in ``columns`` columns."""
+  if columns % len(names):
+    raise ValueError(f'{columns} columns do not split into {len(names)} gates')
+  return tuple((name, columns // len(names)) for name in names)
+
+
+def _keep_mask(module: nn.Module, rate: float, shape: Sequence[int]) -> jax.Array:
+  """Inverted-dropout multipliers: 0 with probability ``rate``, else ``1 / (1 - rate)``."""
+  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, shape)
+  return keep.astype(jnp.float32) / (1.0 - rate)
+
+
+def locked_dropout(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+  """Variational dropout of time-major ``x [T, B, F]``: one mask per sequence, reused at
+  every step."""
+  if not train or rate == 0.0:
+    return x
+  return x * _keep_mask(module, rate, (1,) + x.shape[1:]).astype(x.dtype)
+
+
+def embedding_dropout(module: nn.Module, embedding: jax.Array, rate: float,
+                      train: bool) -> jax.Array:
+  """Drops whole words: rows of the ``[vocab, E]`` embedding, one mask per batch (AWD-LSTM)."""
+  if not train or rate == 0.0:
+    return embedding
+  return embedding * _keep_mask(module, rate, (embedding.shape[0], 1)).astype(embedding.dtype)
+
+
+def drop_connect(module: nn.Module, kernel: jax.Array, rate: float, train: bool) -> jax.Array:
+  """DropConnect on a weight matrix, one mask per batch (AWD-LSTM's WeightDrop).
+
+  Inverted scaling (kept weights times ``1 / (1 - rate)`` in training, the
+  weights as they are at evaluation), like WeightDrop; ON-LSTM's variant
+  scales at evaluation instead, which is the same model up to a constant
+  factor on the weights.
+  """
+  if not train or rate == 0.0:
+    return kernel
+  return kernel * _keep_mask(module, rate, kernel.shape).astype(kernel.dtype)
+
+
+def time_valid(weights: jax.Array | None) -> jax.Array | None:
+  """``[T, B, 1]`` booleans, True at real (unpadded) steps of batch-major ``weights [B, T]``.
+
+  Padding sits after the real steps of a window; recurrences keep their state
+  unchanged through it, so a padded window ends in the state of its last real
+  step (variable-length BPTT pads every window to one length).
+  """
+  return None if weights is None else (weights.T > 0)[..., None]
+
+
+def hold_on_padding(valid_t: jax.Array | None, new: jax.Array, old: jax.Array) -> jax.Array:
+  """``new`` at real steps, ``old`` (the state before the step) at padded ones."""
+  return new if valid_t is None else jnp.where(valid_t, new, old)
+
+
+def sow_activation_penalties(module: nn.Module, dropped: jax.Array, raw: jax.Array,
+                             valid: jax.Array | None, alpha: float, beta: float) -> None:
+  """Sows AWD-LSTM's activation regularisers of the last layer's output ``[T, B, H]``.
+
+  AR: ``alpha * mean(dropped ** 2)``; TAR: ``beta * mean((raw[t+1] - raw[t]) ** 2)``,
+  both over real steps only. The training loss adds everything sown in the
+  :data:`PENALTIES` collection.
+  """
+  if valid is None:
+    valid = jnp.ones(dropped.shape[:2] + (1,), bool)
+  valid = valid.astype(jnp.float32)
+  width = dropped.shape[-1]
+  if alpha:
+    ar = jnp.sum(valid * jnp.square(dropped)) / (jnp.sum(valid) * width)
+    module.sow(PENALTIES, 'activation', alpha * ar)
+  if beta and raw.shape[0] > 1:
+    pairs = valid[1:] * valid[:-1]
+    tar = jnp.sum(pairs * jnp.square(raw[1:] - raw[:-1])) / jnp.maximum(jnp.sum(pairs) * width, 1)
+    module.sow(PENALTIES, 'temporal_activation', beta * tar)
+
+
+def total_penalty(collections: dict) -> jax.Array:
+  """The sum of every penalty sown into :data:`PENALTIES` (0 if none)."""
+  leaves = jax.tree.leaves(collections.get(PENALTIES, {}))
+  return sum(leaves, jnp.float32(0.0))

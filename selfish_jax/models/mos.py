@@ -1,0 +1,144 @@
+"""AWD-LSTM with a Mixture of Softmaxes (Yang et al., 2018): ``config.model = 'awd_lstm_mos'``.
+
+Three LSTM layers (``emsize -> nhid -> nhid -> nhid_last``) with DropConnect
+on the recurrent kernels, then ``n_experts`` softmaxes over the vocabulary
+mixed by a learned prior::
+
+  latent_k = tanh(h W_latent + b)[k]          (one emsize-vector per expert)
+  p(y) = sum_k softmax(h W_prior)_k softmax(latent_k E^T + b_dec)_y
+
+with the decoder tied to the embedding ``E``. The LSTM layers are
+:class:`~selfish_jax.models.lstm.LSTMLayer` (fused gates, hand-written
+gradient); the latent and prior matrices are maskable like every other matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from selfish_jax.models import layers
+from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
+from selfish_jax.models.lstm import Carry, LSTMLayer, lstm_gate_layout, zero_carry
+from selfish_jax.models.softmax import chunk_steps
+
+
+def mixture_log_probs(latent: jax.Array, prior_logits: jax.Array, kernel: jax.Array,
+                      bias: jax.Array) -> jax.Array:
+  """``log p`` ``[rows, vocab]`` of the mixture, from ``latent [rows, K, E]`` and
+  ``prior_logits [rows, K]``; computed in log space (the official code adds
+  1e-8 to ``p`` before the log, a difference far below float32 noise for
+  any token of non-negligible probability)."""
+  logits = jnp.einsum('rke,ev->rkv', latent, kernel, preferred_element_type=jnp.float32) + bias
+  log_experts = jax.nn.log_softmax(logits, axis=-1)
+  log_prior = jax.nn.log_softmax(prior_logits.astype(jnp.float32), axis=-1)
+  return jax.nn.logsumexp(log_experts + log_prior[..., None], axis=1)
+
+
+def mixture_nll(latent: jax.Array, prior_logits: jax.Array, kernel: jax.Array, bias: jax.Array,
+                targets: jax.Array, steps_per_chunk: int) -> jax.Array:
+  """Per-token NLL ``[T, B]`` of time-major ``latent [T, B, K, E]``, ``steps_per_chunk``
+  time steps at a time, each chunk rematerialised in the backward pass: the
+  ``[rows, K, vocab]`` expert probabilities are never all in memory at once."""
+  steps, batch = targets.shape
+  chunks = steps // steps_per_chunk
+  split = lambda a: a.reshape(chunks, steps_per_chunk * batch, *a.shape[2:])
+
+  @jax.checkpoint
+  def chunk(inputs):
+    lat, prior, y = inputs
+    log_p = mixture_log_probs(lat, prior, kernel, bias)
+    return -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+
+  nll = jax.lax.map(chunk, (split(latent), split(prior_logits), split(targets)))
+  return nll.reshape(steps, batch)
+
+
+class AWDLSTMMoSLM(nn.Module):
+  """Embedding -> 3 weight-dropped LSTM layers -> mixture of softmaxes."""
+  vocab_size: int
+  emsize: int
+  nhid: int
+  nhid_last: int
+  nlayers: int = 3
+  n_experts: int = 15
+  tied: bool = True
+  dropout: float = 0.0  # locked, on the last layer's output
+  dropout_input: float = 0.0  # locked, on the embedded input
+  dropout_hidden: float = 0.0  # locked, between layers
+  dropout_embedding: float = 0.0  # whole words
+  dropout_latent: float = 0.0  # locked, on the experts' latent vectors
+  weight_drop: float = 0.0  # DropConnect on the recurrent kernels
+  ar_alpha: float = 0.0
+  tar_beta: float = 0.0
+  compute_dtype: jnp.dtype = jnp.float32
+  loss_chunk_rows: int = 128
+
+  @property
+  def hidden_sizes(self) -> Sequence[int]:
+    return [self.nhid] * (self.nlayers - 1) + [self.nhid_last]
+
+  def initial_carry(self, batch_size: int) -> tuple[Carry, ...]:
+    return zero_carry(batch_size, self.hidden_sizes)
+
+  def gate_layout(self, names: tuple[str, ...], shape: tuple[int, ...]) -> GateBlocks | None:
+    return lstm_gate_layout(names, shape)
+
+  def weight_uses(self, names: tuple[str, ...]) -> int:
+    if names[-1] == 'embedding':  # a lookup, and the decoder of every expert when tied
+      return self.n_experts if self.tied else 0
+    if names[-1] == 'decoder_kernel':
+      return self.n_experts
+    return 1
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
+               targets: jax.Array | None = None, weights: jax.Array | None = None):
+    """Same contract as :meth:`selfish_jax.models.lstm.StackedLSTMLM.__call__`, with
+    the mixture's log-probabilities as the logits; in training the AR/TAR
+    penalties are sown into ``'penalties'``."""
+    dtype = self.compute_dtype
+    valid = layers.time_valid(weights)
+    embedding = self.param('embedding', uniform_init(0.1), (self.vocab_size, self.emsize))
+    table = layers.embedding_dropout(self, embedding, self.dropout_embedding, train)
+    x = layers.locked_dropout(self, jnp.take(table, tokens.T, axis=0), self.dropout_input, train)
+    new_carry = []
+    for layer, hidden in enumerate(self.hidden_sizes):
+      raw, layer_carry = LSTMLayer(hidden, dtype, self.weight_drop, name=f'lstm_{layer}')(
+          x, carry[layer], valid, train)
+      new_carry.append(layer_carry)
+      last = layer == self.nlayers - 1
+      x = layers.locked_dropout(self, raw, self.dropout if last else self.dropout_hidden, train)
+    if train:
+      layers.sow_activation_penalties(self, x, raw, valid, self.ar_alpha, self.tar_beta)
+    steps, batch = x.shape[:2]
+    latent_width = self.n_experts * self.emsize
+    w_latent = self.param('latent_kernel', linear_init(self.nhid_last),
+                          (self.nhid_last, latent_width))
+    b_latent = self.param('latent_bias', linear_init(self.nhid_last), (latent_width,))
+    w_prior = self.param('prior_kernel', linear_init(self.nhid_last),
+                         (self.nhid_last, self.n_experts))
+    latent = jnp.tanh(jnp.dot(x.astype(dtype), w_latent.astype(dtype),
+                              preferred_element_type=jnp.float32) + b_latent)
+    latent = layers.locked_dropout(self, latent, self.dropout_latent, train)
+    latent = latent.reshape(steps, batch, self.n_experts, self.emsize).astype(dtype)
+    prior_logits = jnp.dot(x.astype(dtype), w_prior.astype(dtype),
+                           preferred_element_type=jnp.float32)
+    if self.tied:
+      kernel = embedding.T
+    else:
+      kernel = self.param('decoder_kernel', uniform_init(0.1), (self.emsize, self.vocab_size))
+    bias = self.param('decoder_bias', nn.initializers.zeros_init(), (self.vocab_size,))
+    kernel = kernel.astype(dtype)
+    if targets is None:
+      log_p = mixture_log_probs(latent.reshape(steps * batch, self.n_experts, -1),
+                                prior_logits.reshape(steps * batch, -1), kernel, bias)
+      return jnp.swapaxes(log_p.reshape(steps, batch, -1), 0, 1), tuple(new_carry)
+    nll = mixture_nll(latent, prior_logits, kernel, bias, targets.T,
+                      chunk_steps(steps, batch, self.loss_chunk_rows))
+    if weights is None:
+      return nll.T, tuple(new_carry)
+    return jnp.sum(weights.T * nll), tuple(new_carry)

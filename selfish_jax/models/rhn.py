@@ -1,0 +1,134 @@
+"""Recurrent Highway Network language model (Zilly et al., 2017).
+
+One recurrent layer of ``depth`` highway micro-steps per token, with a coupled
+carry gate (``c = 1 - t``)::
+
+  s_0 = s_{t-1}
+  [h_l, t_l] = [tanh, sigmoid](x_t W [l == 0] + (s_{l-1} * m) R_l + b_l)
+  s_l = h_l * t_l + s_{l-1} * (1 - t_l)
+
+Each micro-step's two gates share one fused kernel ``R_l [H, 2H]`` (and the
+first also ``W [E, 2H]``), so one mask per matrix makes h and t compete for
+one budget. ``m`` is one hidden-state dropout mask per sequence, reused at
+every depth and time step. Zilly's regularisation: word-level embedding
+dropout, locked input and output dropout, weights tied, transform-gate
+biases initialised negative (the highway starts by carrying).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from selfish_jax.models import layers
+from selfish_jax.models.layers import GateBlocks, uniform_init
+from selfish_jax.models.softmax import softmax_output
+
+RHN_GATES = ('h', 't')
+INPUT_KERNEL = 'input_kernel'
+RECURRENT_KERNEL = 'recurrent_kernel'  # + f'_{depth}'
+
+
+class RHNLayer(nn.Module):
+  """The highway recurrence over a time-major window ``[T, B, E]``; carry ``s [B, H]``."""
+  hidden_size: int
+  depth: int
+  transform_bias: float = -2.0
+  init_scale: float = 0.04
+  dropout_hidden: float = 0.0
+  compute_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, carry: jax.Array, valid: jax.Array | None,
+               train: bool) -> tuple[jax.Array, jax.Array]:
+    hidden, dtype = self.hidden_size, self.compute_dtype
+    init = uniform_init(self.init_scale)
+    w_in = self.param(INPUT_KERNEL, init, (inputs.shape[-1], 2 * hidden))
+    kernels = [self.param(f'{RECURRENT_KERNEL}_{l}', init, (hidden, 2 * hidden)).astype(dtype)
+               for l in range(self.depth)]
+    bias_init = lambda key, shape: jnp.concatenate(
+        [jnp.zeros(shape[0] // 2), jnp.full(shape[0] // 2, self.transform_bias)])
+    biases = [self.param(f'bias_{l}', bias_init, (2 * hidden,)) for l in range(self.depth)]
+    steps, batch = inputs.shape[:2]
+    projected = jnp.dot(inputs.reshape(steps * batch, -1).astype(dtype), w_in.astype(dtype),
+                        preferred_element_type=jnp.float32).reshape(steps, batch, 2 * hidden)
+    if train and self.dropout_hidden > 0:
+      keep = jax.random.bernoulli(self.make_rng('dropout'), 1 - self.dropout_hidden,
+                                  (batch, hidden))
+      hidden_mask = keep.astype(jnp.float32) / (1 - self.dropout_hidden)
+    else:
+      hidden_mask = None
+
+    def step(s_prev, inputs_t):
+      x_t, valid_t = inputs_t
+      s = s_prev
+      for l in range(self.depth):
+        dropped = s if hidden_mask is None else s * hidden_mask
+        pre = jnp.dot(dropped.astype(dtype), kernels[l],
+                      preferred_element_type=jnp.float32) + biases[l]
+        if l == 0:
+          pre = pre + x_t
+        h, t = jnp.split(pre, 2, axis=-1)
+        t = jax.nn.sigmoid(t)
+        s = jnp.tanh(h) * t + s * (1 - t)
+      s = layers.hold_on_padding(valid_t, s, s_prev)
+      return s, s
+
+    carry, outputs = jax.lax.scan(step, carry, (projected, valid))
+    return outputs, carry
+
+
+class RHNLM(nn.Module):
+  """Embedding -> RHN layer -> decoder (``config.model = 'rhn'``)."""
+  vocab_size: int
+  emsize: int
+  nhid: int
+  depth: int = 10
+  tied: bool = True
+  dropout: float = 0.0  # locked, on the output
+  dropout_input: float = 0.0  # locked, on the embedded input
+  dropout_hidden: float = 0.0  # on s, one mask for all depths and steps
+  dropout_embedding: float = 0.0  # whole words
+  transform_bias: float = -2.0
+  init_scale: float = 0.04
+  compute_dtype: jnp.dtype = jnp.float32
+  loss_chunk_rows: int = 128
+
+  def initial_carry(self, batch_size: int) -> tuple[jax.Array]:
+    return (jnp.zeros((batch_size, self.nhid), jnp.float32),)
+
+  def gate_layout(self, names: tuple[str, ...], shape: tuple[int, ...]) -> GateBlocks | None:
+    if names[-1] == INPUT_KERNEL or names[-1].startswith(RECURRENT_KERNEL):
+      return layers.equal_gates(RHN_GATES, shape[-1])
+    return None
+
+  def weight_uses(self, names: tuple[str, ...]) -> int:
+    if names[-1] == 'embedding':
+      return 1 if self.tied else 0
+    return 1
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, carry: tuple[jax.Array], *, train: bool,
+               targets: jax.Array | None = None, weights: jax.Array | None = None):
+    """Same contract as :meth:`selfish_jax.models.lstm.StackedLSTMLM.__call__`."""
+    if self.tied and self.emsize != self.nhid:
+      raise ValueError('tied weights need emsize == nhid')
+    valid = layers.time_valid(weights)
+    embedding = self.param('embedding', uniform_init(self.init_scale),
+                           (self.vocab_size, self.emsize))
+    table = layers.embedding_dropout(self, embedding, self.dropout_embedding, train)
+    x = layers.locked_dropout(self, jnp.take(table, tokens.T, axis=0), self.dropout_input, train)
+    x, s = RHNLayer(self.nhid, self.depth, self.transform_bias, self.init_scale,
+                    self.dropout_hidden, self.compute_dtype, name='rhn')(x, carry[0], valid, train)
+    x = layers.locked_dropout(self, x, self.dropout, train)
+    if self.tied:
+      kernel = embedding.T
+    else:
+      kernel = self.param('decoder_kernel', uniform_init(self.init_scale),
+                          (self.nhid, self.vocab_size))
+    bias = self.param('decoder_bias', nn.initializers.zeros_init(), (self.vocab_size,))
+    dtype = self.compute_dtype
+    out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
+                         self.loss_chunk_rows)
+    return out, (s,)

@@ -1,0 +1,123 @@
+"""The softmax output of a language model and its fused, chunked gradient."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def softmax_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array,
+                targets: jax.Array) -> jax.Array:
+  """Per-token ``-log softmax(features @ kernel + bias)[target]``.
+
+  The target logit is computed from the gathered kernel columns rather than
+  picked out of the ``[N, vocab]`` logits: differentiating a pick scatters
+  into a dense ``[N, vocab]`` buffer, which costs XLA:CPU about as much as a
+  decoder matmul. The max shift is constant to autodiff (it cancels exactly).
+  """
+  logits = jnp.dot(features, kernel, preferred_element_type=jnp.float32) + bias
+  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1)) + shift[..., 0]
+  target_columns = kernel.T[targets]
+  target_logits = jnp.sum(features.astype(jnp.float32) * target_columns.astype(jnp.float32),
+                          axis=-1) + bias[targets]
+  return log_normaliser - target_logits
+
+
+def chunk_steps(steps: int, batch: int, target_rows: int) -> int:
+  """Time steps per chunk of the fused loss: the largest divisor of ``steps``
+  with at most ``target_rows`` rows (``steps * batch`` rows are not chunked
+  when ``target_rows`` is 0)."""
+  if target_rows <= 0:
+    return steps
+  fits = [d for d in range(1, steps + 1) if steps % d == 0 and d * batch <= target_rows]
+  return max(fits, default=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def weighted_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
+                     targets: jax.Array, weights: jax.Array, steps_per_chunk: int) -> jax.Array:
+  """``sum(weights * softmax_nll(...))`` over time-major ``features [T, B, H]``.
+
+  Its gradient is computed during the forward pass, ``steps_per_chunk`` time
+  steps at a time (the fused softmax cross-entropy of large-vocabulary LMs):
+  each ``[rows, vocab]`` tile of logits, probabilities and their gradient stays
+  in cache instead of streaming ``[T*B, vocab]`` buffers through memory six or
+  more times, which is what bounds the 10,000-way softmax on a CPU. Chunks are
+  whole time steps, so a batch sharded over devices stays sharded the same way.
+  ``weights`` get no gradient.
+  """
+  return _plain_weighted_nll_sum(features, kernel, bias, targets, weights)
+
+
+def _plain_weighted_nll_sum(features, kernel, bias, targets, weights):
+  """``sum(weights * nll)`` over time-major ``[T, B]`` tokens, differentiated by autodiff."""
+  return jnp.sum(weights * softmax_nll(features.reshape(targets.size, -1), kernel, bias,
+                                       targets.reshape(-1)).reshape(targets.shape))
+
+
+def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_chunk):
+  steps, batch, hidden = features.shape
+  if steps % steps_per_chunk:
+    raise ValueError(f'{steps_per_chunk} steps per chunk do not divide {steps} steps')
+  num_chunks, rows = steps // steps_per_chunk, steps_per_chunk * batch
+  chunked = lambda a: a.reshape(num_chunks, rows, *a.shape[1:])  # a: [T * B, ...]
+
+  def chunk(carry, inputs):
+    d_kernel, d_bias = carry
+    x, y, w = inputs
+    logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
+    shift = jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(logits - shift)
+    total = jnp.sum(exp, axis=-1)
+    target_logits = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+    loss = jnp.sum(w * (jnp.log(total) + shift[:, 0] - target_logits))
+    d_logits = (exp * (w / total)[:, None]).at[jnp.arange(rows), y].add(-w)
+    # Contracting the kernel's vocabulary axis in place: no transposed copy.
+    d_x = jax.lax.dot_general(d_logits.astype(x.dtype), kernel, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    d_kernel = d_kernel + jnp.dot(x.T, d_logits.astype(x.dtype),
+                                  preferred_element_type=jnp.float32)
+    return (d_kernel, d_bias + jnp.sum(d_logits, axis=0)), (loss, d_x.astype(x.dtype))
+
+  zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+  (d_kernel, d_bias), (losses, d_features) = jax.lax.scan(
+      chunk, zeros, (chunked(features.reshape(steps * batch, hidden)),
+                     chunked(targets.reshape(-1)), chunked(weights.reshape(-1))))
+  grads = (d_features.reshape(features.shape), d_kernel.astype(kernel.dtype),
+           d_bias.astype(bias.dtype))
+  return jnp.sum(losses), grads
+
+
+def _weighted_nll_sum_bwd(steps_per_chunk, grads, cotangent):
+  del steps_per_chunk
+  d_features, d_kernel, d_bias = (g * cotangent.astype(g.dtype) for g in grads)
+  return d_features, d_kernel, d_bias, None, None
+
+
+weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
+
+
+def softmax_output(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array | None,
+                   weights: jax.Array | None, loss_chunk_rows: int) -> jax.Array:
+  """What a language model returns from time-major features ``x [T, B, H]``.
+
+  Without ``targets``: logits ``[B, T, vocab]``. With ``targets [B, T]``: the
+  per-token NLL ``[B, T]`` (see :func:`softmax_nll`). With ``targets`` and
+  ``weights [B, T]``: the scalar ``sum(weights * nll)``, its gradient fused
+  into chunks of ``loss_chunk_rows`` rows (0: plain autodiff).
+  """
+  steps, batch = x.shape[:2]
+  if targets is not None and weights is not None:
+    weights = weights.T.astype(jnp.float32)
+    if loss_chunk_rows > 0:
+      return weighted_nll_sum(x, kernel, bias, targets.T, weights,
+                              chunk_steps(steps, batch, loss_chunk_rows))
+    return _plain_weighted_nll_sum(x, kernel, bias, targets.T, weights)
+  if targets is not None:
+    nll = softmax_nll(x.reshape(steps * batch, -1), kernel, bias, targets.T.reshape(-1))
+    return nll.reshape(steps, batch).T
+  logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
+  return jnp.swapaxes(logits, 0, 1)
