@@ -1,0 +1,13 @@
+"""A CPU-sized AWD-LSTM-MoS on WikiText-2 (emsize 32, 128/128/64, 2 experts, bptt ~35)
+with the paper row's recipe. The 33,278-word softmax of every expert dominates
+its cost on a CPU."""
+
+from experiments.configs import wt2_awd_lstm_mos
+
+
+def get_config():
+  config = wt2_awd_lstm_mos.get_config()
+  config.update(emsize=32, nhid=128, nhid_last=64, n_experts=2, bptt=35, max_bptt_delta=10,
+                dropout=0.2, dropout_hidden=0.1, dropout_input=0.2, dropout_latent=0.1,
+                weight_drop=0.2, num_epochs=15)
+  return config
