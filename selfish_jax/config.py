@@ -70,9 +70,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.clip = 0.25
   c.weight_decay = 1.2e-6
   c.nonmono = 5
-  # > 0: SNT-ASGD averages from this epoch on, whatever the non-monotone trigger says.
+  # > 0: snt_asgd/asgd average from this epoch on, whatever the non-monotone trigger says.
   c.asgd_start_epoch = 0
-  c.optimizer = 'snt_asgd'  # snt_asgd (SGD, then averaging on the trigger) | sgd | momentum | adam
+  # snt_asgd (SGD, then sparse averaging on the trigger) | asgd (the same with dense
+  # averaging, one counter: the ablation) | sgd | momentum | adam
+  c.optimizer = 'snt_asgd'
   c.momentum = 0.9  # for optimizer=momentum (and adam's b1)
   c.num_epochs = 15
   c.max_steps_per_epoch = 0  # 0 = the whole training split each epoch

@@ -24,3 +24,14 @@ def test_benchmark_prints_the_promised_figures():
   # 3 x (2 FLOPs per weight of the two LSTM layers and the decoder) per token, 20 tokens.
   lstm = 2 * (8 * 32 + 8 * 32)
   assert figures['step_gflop'] * 1e9 == pytest.approx(3 * 20 * 2 * (lstm + 8 * 10_000), rel=1e-12)
+
+
+def test_benchmark_times_only_the_asked_parts_of_any_family():
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.step', '--config=experiments/configs/ptb_onlstm_cpu.py',
+       '--config.emsize=20', '--config.nhid=20', '--parts=topology', '--topology_repeats=1'],
+      capture_output=True, text=True, check=True, timeout=300)
+  figures = json.loads(result.stdout)
+  assert figures['config']['model'] == 'onlstm'
+  assert figures['density_after_topology_updates'] == pytest.approx(0.45, abs=1e-4)
+  assert 'tokens_per_s' not in figures and 'eval_tokens_per_s' not in figures

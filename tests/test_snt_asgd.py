@@ -11,8 +11,9 @@ from selfish_jax import optim
 LR, WD, CLIP = 0.5, 0.01, 1.0
 
 
-def numpy_reference(params, grads_seq, masks_seq, switch_at):
-  """SNT-ASGD written out step by step in NumPy (the paper's Sparse_ASGD rule)."""
+def numpy_reference(params, grads_seq, masks_seq, switch_at, dense=False):
+  """SNT-ASGD written out step by step in NumPy (the paper's Sparse_ASGD rule);
+  ``dense``: torch's ASGD instead (one counter, averages never zeroed)."""
   p = {k: v.copy() for k, v in params.items()}
   k = {n: np.zeros(v.shape, np.int32) for n, v in p.items()}
   ax = {n: np.zeros_like(v) for n, v in p.items()}
@@ -28,17 +29,18 @@ def numpy_reference(params, grads_seq, masks_seq, switch_at):
         new = np.where(m, new, 0).astype(np.float32)
       p[n] = new.astype(np.float32)
       if t >= switch_at:
-        k[n] = k[n] + 1 if m is None else np.where(m, k[n] + 1, 0)
+        k[n] = k[n] + 1 if m is None or dense else np.where(m, k[n] + 1, 0)
         mu = np.where(k[n] <= 2, 1.0, 1.0 / np.maximum(k[n] - 1, 1)).astype(np.float32)
         ax[n] = np.where(k[n] <= 2, p[n], ax[n] + (p[n] - ax[n]) * mu).astype(np.float32)
-        if m is not None:
+        if m is not None and not dense:
           ax[n] = np.where(m, ax[n], 0).astype(np.float32)
     history.append(({n: v.copy() for n, v in p.items()}, {n: v.copy() for n, v in ax.items()},
                     {n: v.copy() for n, v in k.items()}))
   return history
 
 
-def test_matches_numpy_reference_while_the_mask_changes():
+@pytest.mark.parametrize('name', ['snt_asgd', 'asgd'])
+def test_matches_numpy_reference_while_the_mask_changes(name):
   rng = np.random.default_rng(0)
   shape = (3, 4)
   m0 = rng.random(shape) < 0.6
@@ -50,9 +52,10 @@ def test_matches_numpy_reference_while_the_mask_changes():
   grads_seq = [{'w': rng.normal(size=shape).astype(np.float32) * 0.5,
                 'b': rng.normal(size=(4,)).astype(np.float32) * 0.5} for _ in masks_seq]
   switch_at = 2
-  expected = numpy_reference(params, grads_seq, masks_seq, switch_at)
+  dense = name == 'asgd'
+  expected = numpy_reference(params, grads_seq, masks_seq, switch_at, dense)
 
-  tx = optim.snt_asgd(LR, weight_decay=WD, clip_norm=CLIP)
+  tx = optim.make_optimizer(name, LR, weight_decay=WD, clip_norm=CLIP)
   traces = []
 
   @jax.jit
@@ -69,16 +72,26 @@ def test_matches_numpy_reference_while_the_mask_changes():
     p, state = step(p, state, jax.tree.map(jnp.asarray, g),
                     {n: None if v is None else jnp.asarray(v) for n, v in m.items()})
     exp_p, exp_ax, exp_k = expected[t]
-    averaging = optax.tree_utils.tree_get(state, 'SparseAveragingState')
+    averaging = optax.tree_utils.tree_get(
+        state, 'DenseAveragingState' if dense else 'SparseAveragingState')
     for n in ('w', 'b'):
       np.testing.assert_allclose(p[n], exp_p[n], rtol=1e-6, atol=1e-7, err_msg=f'{n} step {t}')
       np.testing.assert_allclose(averaging.averages[n], exp_ax[n], rtol=1e-6, atol=1e-7)
-      np.testing.assert_array_equal(averaging.weight_steps[n], exp_k[n])
+      if dense:  # one counter for all
+        assert int(averaging.step) == exp_k[n].flat[0] == max(0, t + 1 - switch_at)
+      else:
+        np.testing.assert_array_equal(averaging.weight_steps[n], exp_k[n])
   assert len(traces) == 1  # mask changes and the switch never recompile
-  # Inactive weights have zero averages; reactivated weights restarted their count.
   ax_w = np.asarray(averaging.averages['w'])
-  assert np.all(ax_w[~m0] == 0)
-  np.testing.assert_array_equal(np.asarray(averaging.weight_steps['w'])[0][m0[0] & ~m1[0]], 3)
+  if dense:  # averages of inactive weights kept averaging; evaluation masks them
+    assert np.any(ax_w[~m0] != 0)
+    evaluated = optim.averaged_params(state, p, {'w': jnp.asarray(m0), 'b': None})
+    np.testing.assert_array_equal(np.asarray(evaluated['w'])[~m0], 0)
+    np.testing.assert_array_equal(np.asarray(evaluated['w'])[m0], ax_w[m0])
+  else:
+    # Inactive weights have zero averages; reactivated weights restarted their count.
+    assert np.all(ax_w[~m0] == 0)
+    np.testing.assert_array_equal(np.asarray(averaging.weight_steps['w'])[0][m0[0] & ~m1[0]], 3)
 
 
 def test_average_is_the_mean_of_iterates_from_the_second_step():
@@ -133,20 +146,38 @@ def test_nonmonotone_trigger(losses, loss, nonmono, expected):
 
 @pytest.mark.parametrize('name,param_sized_buffers', [
     ('snt_asgd', 2),  # per-weight counters and averages
+    ('asgd', 1),  # averages (one counter)
     ('sgd', 0), ('momentum', 1), ('adam', 2)])
-def test_only_snt_asgd_carries_averaging_state(name, param_sized_buffers):
+def test_only_the_averaging_optimizers_carry_averaging_state(name, param_sized_buffers):
   params = {'w': jnp.ones((30, 40)), 'b': jnp.zeros((40,))}
   tx = optim.make_optimizer(name, 0.1)
   state = tx.init(params)
   leaves = [x for x in jax.tree.leaves(state) if jnp.ndim(x) > 0]
   assert sum(x.size for x in leaves) == param_sized_buffers * (30 * 40 + 40)
   assert bool(optim.is_averaging(state)) is False
-  assert optim.averaged_params(state, params) is params or name == 'snt_asgd'
-  if name != 'snt_asgd':
-    with pytest.raises(ValueError, match='no sparse_averaging'):
+  assert optim.can_average(state) == (name in ('snt_asgd', 'asgd'))
+  assert optim.averaged_params(state, params) is params or optim.can_average(state)
+  if not optim.can_average(state):
+    with pytest.raises(ValueError, match='no averaging'):
       optim.start_averaging(state)
   # Every optimizer re-masks: an inactive weight stays exactly zero.
   masks = {'w': jnp.zeros((30, 40), bool).at[0].set(True), 'b': None}
   updates, _ = tx.update({'w': jnp.ones((30, 40)), 'b': jnp.ones(40)}, state, params, masks=masks)
   new = optax.apply_updates(params, updates)
   assert float(jnp.abs(new['w'][1:]).max()) == 0.0 and float(jnp.abs(new['w'][0]).min()) > 0
+
+
+@pytest.mark.parametrize('name', optim.OPTIMIZERS)
+def test_lr_factor_scales_one_step_of_every_optimizer(name):
+  # Variable-length BPTT passes lr_factor = length / bptt: that step's size scales.
+  tx = optim.make_optimizer(name, 0.5, weight_decay=1e-3, clip_norm=0.25)
+  p = {'w': jnp.array([1.0, -2.0, 3.0])}
+  masks = {'w': jnp.array([True, True, False])}
+  g = {'w': jnp.array([0.3, -0.4, 0.5])}
+  state = tx.init(p)
+  full, _ = tx.update(g, state, p, masks=masks)
+  scaled, _ = tx.update(g, state, p, masks=masks, lr_factor=0.75)
+  default, _ = tx.update(g, state, p, masks=masks, lr_factor=1.0)
+  np.testing.assert_allclose(default['w'], full['w'])
+  np.testing.assert_allclose(scaled['w'][:2], 0.75 * full['w'][:2], rtol=1e-6)
+  assert float(scaled['w'][2]) == -3.0  # the inactive weight is still zeroed

@@ -1,12 +1,13 @@
 """Optimizers: SNT-ASGD as composable optax transforms."""
 
 from selfish_jax.optim.optimizers import OPTIMIZERS, make_optimizer, momentum_of
-from selfish_jax.optim.snt_asgd import (SparseAveragingState, averaged_params, clip_and_decay,
-                                        is_averaging, mask_updates, masked, nonmonotone_trigger,
-                                        scale_by_lr_factor, sgd, snt_asgd, sparse_averaging,
-                                        start_averaging)
+from selfish_jax.optim.snt_asgd import (DenseAveragingState, SparseAveragingState, asgd,
+                                        averaged_params, can_average, clip_and_decay,
+                                        dense_averaging, is_averaging, mask_updates, masked,
+                                        nonmonotone_trigger, scale_by_lr_factor, sgd, snt_asgd,
+                                        sparse_averaging, start_averaging)
 
-__all__ = ['OPTIMIZERS', 'make_optimizer', 'momentum_of', 'SparseAveragingState',
-           'averaged_params', 'clip_and_decay', 'is_averaging', 'mask_updates', 'masked',
-           'nonmonotone_trigger', 'scale_by_lr_factor', 'sgd', 'snt_asgd', 'sparse_averaging',
-           'start_averaging']
+__all__ = ['OPTIMIZERS', 'make_optimizer', 'momentum_of', 'DenseAveragingState',
+           'SparseAveragingState', 'asgd', 'averaged_params', 'can_average', 'clip_and_decay',
+           'dense_averaging', 'is_averaging', 'mask_updates', 'masked', 'nonmonotone_trigger',
+           'scale_by_lr_factor', 'sgd', 'snt_asgd', 'sparse_averaging', 'start_averaging']

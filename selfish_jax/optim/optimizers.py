@@ -1,9 +1,10 @@
 """The optimizer axis: any sparse method trains with any of these.
 
 Every optimizer ends by re-masking its updates, so inactive weights stay zero;
-only ``snt_asgd`` ends in :func:`~selfish_jax.optim.snt_asgd.sparse_averaging`
-and carries averaging state (the training loop applies the non-monotone
-trigger to it). The others carry no averaging buffers.
+only ``snt_asgd`` (:func:`~selfish_jax.optim.snt_asgd.sparse_averaging`) and
+``asgd`` (:func:`~selfish_jax.optim.snt_asgd.dense_averaging`) carry averaging
+state (the training loop applies the non-monotone trigger to it). The others
+carry no averaging buffers.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 import optax
 
 from selfish_jax.errors import ConfigError
-from selfish_jax.optim.snt_asgd import clip_and_decay, masked, scale_by_lr_factor, sgd, snt_asgd
+from selfish_jax.optim.snt_asgd import (asgd, clip_and_decay, masked, scale_by_lr_factor, sgd,
+                                        snt_asgd)
 
-OPTIMIZERS = ('snt_asgd', 'sgd', 'momentum', 'adam')
+OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd', 'momentum', 'adam')
 # Names under which optax states keep a first moment: optax.trace -> TraceState.trace,
 # optax.scale_by_adam -> ScaleByAdamState.mu.
 _MOMENTUM_FIELDS = ('trace', 'mu')
@@ -24,11 +26,14 @@ _MOMENTUM_FIELDS = ('trace', 'mu')
 def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
                    weight_decay: float = 1.2e-6, clip_norm: float | None = 0.25,
                    momentum: float = 0.9) -> optax.GradientTransformationExtraArgs:
-  """``snt_asgd`` | ``sgd`` | ``momentum`` | ``adam``, each with clipping and weight decay."""
+  """``snt_asgd`` | ``asgd`` | ``sgd`` | ``momentum`` | ``adam``, each with clipping and
+  weight decay (``asgd``: dense averaging with one counter, the ablation of ``snt_asgd``)."""
   if name not in OPTIMIZERS:
     raise ConfigError(f'unknown optimizer {name!r}; expected one of {OPTIMIZERS}')
   if name == 'snt_asgd':
     return snt_asgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
+  if name == 'asgd':
+    return asgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
   if name == 'sgd':
     return sgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
   base = (optax.trace(decay=momentum) if name == 'momentum'

@@ -39,6 +39,19 @@ class SparseAveragingState(NamedTuple):
   averages: PyTree
 
 
+class DenseAveragingState(NamedTuple):
+  """State of :func:`dense_averaging`.
+
+  Attributes:
+    averaging: scalar bool, whether averaging has been switched on.
+    step: one step counter ``k`` for every weight (int32 scalar).
+    averages: per-weight averages ``ax`` (like the params).
+  """
+  averaging: jax.Array
+  step: jax.Array
+  averages: PyTree
+
+
 def mask_updates(updates: PyTree, params: PyTree, masks: Masks | None) -> PyTree:
   """Updates after which every inactive weight is exactly zero.
 
@@ -107,6 +120,40 @@ def sparse_averaging() -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def dense_averaging() -> optax.GradientTransformationExtraArgs:
+  """Masks the final updates and keeps torch-ASGD averages of every weight.
+
+  The ablation of :func:`sparse_averaging`: one global counter ``k`` and the
+  same rule ``ax <- p`` if ``k <= 2`` else ``ax <- ax + (p - ax) / (k - 1)``,
+  but an inactive weight's average keeps averaging (its zeros included) and
+  a regrown weight's average starts from its old history. Must come last in
+  a chain, like :func:`sparse_averaging`.
+  """
+
+  def init_fn(params):
+    return DenseAveragingState(averaging=jnp.asarray(False), step=jnp.zeros([], jnp.int32),
+                               averages=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None, *, masks: Masks | None = None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError('dense_averaging needs params')
+    updates = mask_updates(updates, params, masks)
+
+    def average(state):
+      step = state.step + 1
+      mu = 1.0 / jnp.maximum(step - 1, 1).astype(jnp.float32)
+      averages = jax.tree.map(
+          lambda ax, p: jnp.where(step <= 2, p, ax + (p - ax) * mu.astype(p.dtype)),
+          state.averages, optax.apply_updates(params, updates))
+      return DenseAveragingState(state.averaging, step, averages)
+
+    state = jax.lax.cond(state.averaging, average, lambda s: s, state)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def clip_and_decay(clip_norm: float | None, weight_decay: float) -> list:
   """Global-norm clipping over ALL gradients (inactive positions included, as
   the reference computes it; ``None`` disables it), then L2 weight decay added
@@ -147,6 +194,13 @@ def snt_asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6
                      optax.scale_by_learning_rate(learning_rate), sparse_averaging())
 
 
+def asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
+         clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
+  """:func:`snt_asgd` with :func:`dense_averaging`: NT-ASGD as AWD-LSTM runs it, for the ablation."""
+  return optax.chain(*clip_and_decay(clip_norm, weight_decay), scale_by_lr_factor(),
+                     optax.scale_by_learning_rate(learning_rate), dense_averaging())
+
+
 def sgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
         clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
   """:func:`snt_asgd` without averaging (no averaging state): the SGD phase only."""
@@ -154,12 +208,22 @@ def sgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
                      optax.scale_by_learning_rate(learning_rate), masked())
 
 
-def _averaging_state(opt_state: optax.OptState) -> SparseAveragingState | None:
-  return optax.tree_utils.tree_get(opt_state, SparseAveragingState.__name__)
+def _averaging_state(opt_state: optax.OptState
+                     ) -> SparseAveragingState | DenseAveragingState | None:
+  for state_type in (SparseAveragingState, DenseAveragingState):
+    state = optax.tree_utils.tree_get(opt_state, state_type.__name__)
+    if state is not None:
+      return state
+  return None
+
+
+def can_average(opt_state: optax.OptState) -> bool:
+  """Whether the state holds averaging (:func:`sparse_averaging` or :func:`dense_averaging`)."""
+  return _averaging_state(opt_state) is not None
 
 
 def is_averaging(opt_state: optax.OptState) -> jax.Array:
-  """Whether averaging is on (always False for a state without :func:`sparse_averaging`)."""
+  """Whether averaging is on (always False for a state without averaging)."""
   state = _averaging_state(opt_state)
   return jnp.asarray(False) if state is None else state.averaging
 
@@ -167,16 +231,26 @@ def is_averaging(opt_state: optax.OptState) -> jax.Array:
 def start_averaging(opt_state: optax.OptState) -> optax.OptState:
   """Switches averaging on (the NT-ASGD trigger fired); counters start at 0."""
   if _averaging_state(opt_state) is None:
-    raise ValueError('this optimizer state has no sparse_averaging() to switch on')
+    raise ValueError('this optimizer state has no averaging to switch on')
   return optax.tree_utils.tree_set(opt_state, averaging=jnp.asarray(True))
 
 
-def averaged_params(opt_state: optax.OptState, params: PyTree) -> PyTree:
-  """The averaged weights once averaging is on, else ``params`` themselves."""
+def averaged_params(opt_state: optax.OptState, params: PyTree,
+                    masks: Masks | None = None) -> PyTree:
+  """The averaged weights once averaging is on, else ``params`` themselves.
+
+  With ``masks``, averages are zeroed where the mask is False, so the weights
+  evaluated always have the run's parameter count (a no-op for SNT-ASGD,
+  whose averages of inactive weights are zero already; dense averaging keeps
+  averages there).
+  """
   state = _averaging_state(opt_state)
   if state is None:
     return params
-  return jax.tree.map(lambda a, p: jnp.where(state.averaging, a, p), state.averages, params)
+  averages = state.averages
+  if masks is not None:
+    averages = map_with_masks(lambda a, m: a if m is None else jnp.where(m, a, 0), averages, masks)
+  return jax.tree.map(lambda a, p: jnp.where(state.averaging, a, p), averages, params)
 
 
 def nonmonotone_trigger(previous_losses: Sequence[float], loss: float, nonmono: int) -> bool:

@@ -158,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_key, dropout_key, topology_key, gradient_key = jax.random.split(root, 4)
   method = build_method(config, steps_per_epoch)
   state = create_train_state(config, model, tx, method, init_key)
-  if config.optimizer == 'snt_asgd' and config.asgd_start_epoch == 1:
+  if optim.can_average(state.opt_state) and config.asgd_start_epoch == 1:
     state = state.replace(opt_state=optim.start_averaging(state.opt_state))
   # Everything replicated but the carry, which is split over the batch like the data.
   state_sharding = jax.tree.map(lambda _: replicated, state).replace(
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        out_shardings=(state_sharding, replicated))
   evaluate_split = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
   evaluate = lambda params, windows: float(evaluate_split(params, windows))
-  eval_params = jax.jit(optim.averaged_params)
+  eval_params = jax.jit(optim.averaged_params)  # (opt_state, params, masks)
   # One program over all matrices, donating the params so XLA can update them in place.
   update_topology = jax.jit(method.update, donate_argnums=0) if method.update else None
   gradient_fn = jax.jit(lambda *args: grad_fn(*args)[2])
@@ -282,7 +282,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_time = time.time() - epoch_start
 
     averaging = bool(optim.is_averaging(state.opt_state))
-    weights = eval_params(state.opt_state, state.params)
+    weights = eval_params(state.opt_state, state.params, state.masks)
     val_loss = evaluate(weights, valid_windows)
     if not math.isfinite(val_loss):
       raise diverged('the validation loss', val_loss, int(state.step))
@@ -291,12 +291,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       host.best_val_loss = val_loss
       checkpoints.save_best(epoch, weights)
     switched = False
-    if not averaging and config.optimizer == 'snt_asgd':
+    if not averaging and optim.can_average(state.opt_state):
       fixed_start = config.asgd_start_epoch and epoch + 1 >= config.asgd_start_epoch
       if fixed_start or optim.nonmonotone_trigger(host.val_losses, val_loss, config.nonmono):
         state = state.replace(opt_state=optim.start_averaging(state.opt_state))
         switched = True
-        logging.info('Switching to SNT-ASGD (averaging) after epoch %d.', epoch)
+        logging.info('Switching to averaging (%s) after epoch %d.', config.optimizer, epoch)
     if not averaging:
       host.val_losses.append(val_loss)
     moved = {}
