@@ -1,6 +1,7 @@
 r"""Speed of one configuration: train step, evaluation and topology update.
 
   python -m benchmarks.step --config=experiments/configs/ptb_lstm_small.py [--config.KEY=VALUE]
+      [--parts=train,eval,topology]
 
 Prints one JSON object: compile time, train-step time percentiles and tokens/s
 (after warm-up, >= 50 timed steps), evaluation tokens/s, one topology update's
@@ -9,9 +10,10 @@ GFLOP/s of the train step: the weight products a step
 executes, 3x the dense forward FLOPs per token (see ``selfish_jax.flops``; the
 step multiplies dense matrices whatever their masks), divided by its median
 time. Inputs are random tokens of the dataset's vocabulary size, so no data is
-needed; seeds are fixed. Like ``experiments.main`` it first keeps freed host
-memory for reuse (``selfish_jax.host``); ``--noretain_freed_memory`` measures
-without that.
+needed; seeds are fixed. ``--parts=topology`` times only the topology update
+(for paper-sized models whose train step a CPU cannot time). Like
+``experiments.main`` it first keeps freed host memory for reuse
+(``selfish_jax.host``); ``--noretain_freed_memory`` measures without that.
 """
 
 import json
@@ -35,6 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _STEPS = flags.DEFINE_integer('steps', 60, 'Timed train steps (after warm-up).')
 _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed train steps after compilation.')
 _TOPOLOGY_REPEATS = flags.DEFINE_integer('topology_repeats', 3, 'Timed topology updates.')
+PARTS = ('train', 'eval', 'topology')
+_PARTS = flags.DEFINE_list('parts', list(PARTS), 'What to time: train, eval, topology.')
 _RETAIN_FREED_MEMORY = flags.DEFINE_bool(
     'retain_freed_memory', True, 'Keep freed host memory for reuse (selfish_jax.host).')
 flags.mark_flags_as_required(['config'])
@@ -45,26 +49,7 @@ def _block(tree):
   return tree
 
 
-def benchmark(config) -> dict:
-  config_lib.validate(config)
-  vocab = KNOWN_CORPORA[config.dataset].vocab_size
-  rng = np.random.default_rng(0)
-  # Under variable BPTT every window is padded to bptt + max_bptt_delta steps,
-  # of which about bptt are real: the step runs on that padded shape, tokens/s
-  # counts bptt tokens a row and GFLOP/s the padded steps it computes.
-  length = config.bptt + (config.max_bptt_delta if config.variable_bptt else 0)
-  shape = (config.batch_size, length)
-  weights = np.zeros(shape, np.float32)
-  weights[:, :config.bptt] = 1.0
-  window = steps.Windows(jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
-                         jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
-                         jnp.asarray(weights))
-  model = models.build_model(config, vocab)
-  tx = train.build_optimizer(config)
-  # Timed like Selfish-RNN's update whatever the configured method.
-  method = train.build_method(config, steps_per_epoch=1000)
-  state = train.create_train_state(config, model, tx, method, jax.random.key(config.seed))
-
+def _time_train_step(config, model, tx, state, window) -> dict:
   start = time.perf_counter()
   dropout_key = jax.random.key(1)
   compiled = jax.jit(steps.make_train_step(steps.make_grad_fn(model), tx),
@@ -80,64 +65,95 @@ def benchmark(config) -> dict:
     losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   step_ms = np.array(times) * 1000
-  tokens = config.batch_size * config.bptt
-
-  eval_windows = steps.Windows(*(jnp.stack([x[:config.eval_batch_size, :config.bptt]] * 10)
-                                 for x in (window.inputs, window.targets, window.weights)))
-  evaluate = jax.jit(steps.make_evaluate(model, eval_windows.inputs.shape[1]))
-  _block(evaluate(state.params, eval_windows))
-  start = time.perf_counter()
-  _block(evaluate(state.params, eval_windows))
-  eval_tokens_per_s = eval_windows.weights.size / (time.perf_counter() - start)
-
-  topology_s, density_after_updates = None, None
-  if method.sparse:
-    # Selfish-RNN's update (magnitude removal, random regrowth) at the config's death
-    # rate, called exactly as the training loop calls a method's update.
-    selfish = methods.make_method('selfish', density=config.density,
-                                  death_rate=config.death_rate, total_steps=1000)
-    update = jax.jit(selfish.update, donate_argnums=0)  # as train_and_evaluate jits it
-    params, masks = state.params, state.masks
-    durations = []
-    for i in range(_TOPOLOGY_REPEATS.value + 1):  # the first call compiles
-      start = time.perf_counter()
-      params, masks, _ = _block(update(params, masks, {}, jax.random.key(2 + i), 0))
-      durations.append(time.perf_counter() - start)
-    topology_s = float(np.median(durations[1:]))
-    density_after_updates = sparsity.overall_density(masks)
-
-  dense_masks = jax.tree.map(lambda _: None, state.params)
-  flops = 3 * config.batch_size * length * flops_lib.forward_flops_per_token(
-      state.params, dense_masks, model.weight_uses)
   p50 = float(np.percentile(step_ms, 50))
+  dense_masks = jax.tree.map(lambda _: None, state.params)
+  steps_computed = window.inputs.size  # padded steps included
+  flops = 3 * steps_computed * flops_lib.forward_flops_per_token(state.params, dense_masks,
+                                                                 model.weight_uses)
   return {
-      'config': {k: config[k] for k in ('model', 'dataset', 'emsize', 'nhid', 'nlayers',
-                                        'batch_size', 'bptt', 'variable_bptt', 'method',
-                                        'density', 'compute_dtype')},
-      'params': sum(int(p.size) for p in jax.tree.leaves(state.params)),
-      'device': str(jax.devices()[0]),
-      'tokens_per_s': tokens / (p50 / 1000),
+      'tokens_per_s': config.batch_size * config.bptt / (p50 / 1000),
       'step_ms_p10': float(np.percentile(step_ms, 10)),
       'step_ms_p50': p50,
       'step_ms_p90': float(np.percentile(step_ms, 90)),
       'compile_s': compile_s,
-      'eval_tokens_per_s': eval_tokens_per_s,
-      'topology_update_s': topology_s,
       'step_gflop': flops / 1e9,
       'gflops_per_s': flops / 1e9 / (p50 / 1000),
       'timed_steps': len(times),
       # The same window every step: the loss must fall (a check that the step trains).
       'loss_first_timed_step': losses[0],
       'loss_last_timed_step': losses[-1],
-      'density_after_topology_updates': density_after_updates,
   }
+
+
+def _time_evaluation(config, model, params, window) -> dict:
+  eval_windows = steps.Windows(*(jnp.stack([x[:config.eval_batch_size, :config.bptt]] * 10)
+                                 for x in (window.inputs, window.targets, window.weights)))
+  evaluate = jax.jit(steps.make_evaluate(model, eval_windows.inputs.shape[1]))
+  _block(evaluate(params, eval_windows))
+  start = time.perf_counter()
+  _block(evaluate(params, eval_windows))
+  return {'eval_tokens_per_s': eval_windows.weights.size / (time.perf_counter() - start)}
+
+
+def _time_topology_update(config, params, masks) -> dict:
+  # Selfish-RNN's update (magnitude removal, random regrowth) at the config's death
+  # rate, called exactly as the training loop calls a method's update.
+  selfish = methods.make_method('selfish', density=config.density,
+                                death_rate=config.death_rate, total_steps=1000)
+  update = jax.jit(selfish.update, donate_argnums=0)  # as train_and_evaluate jits it
+  durations = []
+  for i in range(_TOPOLOGY_REPEATS.value + 1):  # the first call compiles
+    start = time.perf_counter()
+    params, masks, _ = _block(update(params, masks, {}, jax.random.key(2 + i), 0))
+    durations.append(time.perf_counter() - start)
+  return {'topology_update_s': float(np.median(durations[1:])),
+          'density_after_topology_updates': sparsity.overall_density(masks)}
+
+
+def benchmark(config, parts=PARTS) -> dict:
+  """The figures of ``parts`` (a subset of :data:`PARTS`) for ``config``."""
+  config_lib.validate(config)
+  vocab = KNOWN_CORPORA[config.dataset].vocab_size
+  rng = np.random.default_rng(0)
+  # Under variable BPTT every window is padded to bptt + max_bptt_delta steps,
+  # of which about bptt are real: the step runs on that padded shape, tokens/s
+  # counts bptt tokens a row and GFLOP/s the padded steps it computes.
+  length = config.bptt + (config.max_bptt_delta if config.variable_bptt else 0)
+  shape = (config.batch_size, length)
+  weights = np.zeros(shape, np.float32)
+  weights[:, :config.bptt] = 1.0
+  window = steps.Windows(jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
+                         jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
+                         jnp.asarray(weights))
+  model = models.build_model(config, vocab)
+  tx = train.build_optimizer(config)
+  method = train.build_method(config, steps_per_epoch=1000)
+  state = train.create_train_state(config, model, tx, method, jax.random.key(config.seed))
+  result = {
+      'config': {k: config[k] for k in ('model', 'dataset', 'emsize', 'nhid', 'nlayers',
+                                        'batch_size', 'bptt', 'variable_bptt', 'method',
+                                        'density', 'compute_dtype')},
+      'params': sum(int(p.size) for p in jax.tree.leaves(state.params)),
+      'device': str(jax.devices()[0]),
+  }
+  if 'topology' in parts and method.sparse:  # first: the train step donates the state
+    params, masks = jax.tree.map(jnp.copy, (state.params, state.masks))
+    result.update(_time_topology_update(config, params, masks))
+  if 'eval' in parts:
+    result.update(_time_evaluation(config, model, state.params, window))
+  if 'train' in parts:
+    result.update(_time_train_step(config, model, tx, state, window))
+  return result
 
 
 def main(argv):
   del argv
   if _RETAIN_FREED_MEMORY.value:
     host.retain_freed_memory()
-  print(json.dumps(benchmark(_CONFIG.value), indent=1))
+  unknown = set(_PARTS.value) - set(PARTS)
+  if unknown:
+    raise app.UsageError(f'unknown --parts {sorted(unknown)}; expected some of {PARTS}')
+  print(json.dumps(benchmark(_CONFIG.value, tuple(_PARTS.value)), indent=1))
 
 
 if __name__ == '__main__':
