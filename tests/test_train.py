@@ -74,6 +74,20 @@ def test_epoch_records_carry_the_topology_change(reference):
   assert _epoch_records(str(workdir))[1]['topology_distance'] == {}
 
 
+def test_epoch_records_carry_the_itop_rate(reference):
+  _, workdir, _ = reference
+  epochs = _epoch_records(str(workdir))
+  first = epochs[0]
+  # Every weight grown in the first update was never active before, except
+  # the few regrown where they had just been removed.
+  for name, rate in first['itop_rate_per_matrix'].items():
+    moved = first['topology_distance'][name]  # |A xor B| / 2|A|: the fraction of A replaced
+    assert rate == pytest.approx(0.33 * (1 + moved), abs=2e-3), name
+  totals = [r['itop_rate'] for r in epochs]
+  assert totals[0] > 0.33 and totals[1] == totals[0]  # no update in the switching epoch
+  assert totals[2] > totals[1]
+
+
 def test_dense_training_has_no_masks(tiny_config, tmp_path):
   import orbax.checkpoint as ocp
   tiny_config.method = 'dense'

@@ -192,6 +192,30 @@ def gate_densities(masks: Masks, gate_layout: GateLayout) -> dict[str, dict[str,
   return result
 
 
+def union_masks(masks_a: Masks, masks_b: Masks) -> Masks:
+  """Element-wise OR of two mask trees (None stays None): "ever active" so far."""
+  return jax.tree.map(lambda a, b: None if a is None else jnp.logical_or(a, b), masks_a, masks_b,
+                      is_leaf=is_none)
+
+
+def itop_rate(ever_active: Masks) -> dict[str, Any]:
+  """In-time over-parameterization rate: the fraction of each masked matrix
+  (and of all of them) that has been active at some point of training.
+
+  Returns ``{'total': rate, 'per_matrix': {keystr path: rate}}``; a static
+  mask keeps the rate at the density, every topology update can only raise it.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(ever_active, is_leaf=is_none)
+  per_matrix, active, size = {}, 0, 0
+  for path, mask in flat:
+    if mask is None:
+      continue
+    count = int(np.sum(np.asarray(mask)))
+    per_matrix[jax.tree_util.keystr(path)] = count / mask.size
+    active, size = active + count, size + mask.size
+  return {'total': active / size if size else 1.0, 'per_matrix': per_matrix}
+
+
 def topology_distance(masks_a: Masks, masks_b: Masks) -> dict[str, float]:
   """Per-leaf normalised Hamming distance of two topologies.
 

@@ -29,6 +29,7 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: optimizer state (SNT-ASGD averages and counters included).
     carry: the recurrent state carried from one BPTT window to the next.
     method_state: what the sparse method carries between updates (DSR's threshold).
+    ever_active: masks of the weights active at any point so far (the ITOP rate's).
   """
   step: jax.Array
   params: PyTree
@@ -36,6 +37,7 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: optax.OptState
   carry: PyTree
   method_state: PyTree
+  ever_active: PyTree
 
 
 class Windows(flax.struct.PyTreeNode):

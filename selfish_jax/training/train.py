@@ -98,7 +98,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.Language
   params = sparsity.apply_masks(params, masks)
   return steps.TrainState(step=jnp.int32(0), params=params, masks=masks,
                           opt_state=tx.init(params), carry=carry,
-                          method_state=method.initial_state)
+                          method_state=method.initial_state,
+                          ever_active=jax.tree.map(jnp.copy, masks))
 
 
 def method_rates(method: methods.Method, step: jax.Array) -> dict[str, float]:
@@ -177,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   update_topology = jax.jit(method.update, donate_argnums=0) if method.update else None
   gradient_fn = jax.jit(lambda *args: grad_fn(*args)[2])
   momentum_of = jax.jit(optim.momentum_of)
+  union = jax.jit(sparsity.union_masks)
 
   def change_topology(state, key, window):
     """The method's topology update, with the scores it grows by."""
@@ -188,7 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scores = momentum_of(state.opt_state)
     params, masks, method_state = update_topology(state.params, state.masks, state.method_state,
                                                   key, state.step, scores)
-    return state.replace(params=params, masks=masks, method_state=method_state)
+    return state.replace(params=params, masks=masks, method_state=method_state,
+                         ever_active=union(state.ever_active, masks))
 
   config_path = os.path.join(workdir, 'config.json')
   if os.path.exists(config_path):
@@ -306,6 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               parallel.put(train_windows[0], batch_sharded))
       moved = sparsity.topology_distance(before, jax.device_get(state.masks))
     summary = sparsity.summarize(state.masks, model.gate_layout)
+    itop = sparsity.itop_rate(state.ever_active)
     record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
               'val_ppl': _perplexity(val_loss), 'density': summary['density'],
               'optimizer': 'asgd' if averaging else 'sgd', **method_rates(method, state.step),
@@ -313,6 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               # Of this session's part of the epoch (all of it unless resumed mid-epoch).
               'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
               'gate_density': summary['gate_density'],
+              'itop_rate': itop['total'], 'itop_rate_per_matrix': itop['per_matrix'],
               'topology_distance': moved}  # per matrix, this epoch's update
     writer.write(record)
     logging.info('| end of epoch %3d | %6.1fs | valid loss %5.2f | valid ppl %8.2f | %s | '
