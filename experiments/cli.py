@@ -21,13 +21,14 @@ def fail(message: object) -> NoReturn:
   sys.exit(1)
 
 
-def _flags_parser(config_flag: flags.FlagHolder) -> Callable[[list[str]], list[str]]:
+def _flags_parser(config_flag: flags.FlagHolder | None) -> Callable[[list[str]], list[str]]:
   """absl flag parsing with one-line errors (unknown config keys, bad config files)."""
 
   def parse(argv: list[str]) -> list[str]:
     try:
       args = flags.FLAGS(argv)
-      config_flag.value.keys()  # a config file that failed to load raises here
+      if config_flag is not None:
+        config_flag.value.keys()  # a config file that failed to load raises here
       return args
     except flags.Error as e:
       fail(e)
@@ -43,7 +44,7 @@ def _flags_parser(config_flag: flags.FlagHolder) -> Callable[[list[str]], list[s
   return parse
 
 
-def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder) -> None:
+def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None) -> None:
   """``app.run(main)`` with one-line errors for bad flags and for every :class:`UserError`."""
 
   def guarded(argv: list[str]) -> None:
