@@ -280,3 +280,24 @@ def test_random_subsets_are_uniform_over_positions():
   pairs = np.asarray(subset(jax.random.split(jax.random.key(1), 500)))
   together = np.mean(pairs[:, :-1] & pairs[:, 1:])
   assert together == pytest.approx((k / n) * ((k - 1) / (n - 1)), abs=0.003)
+
+
+def test_nnstd_matches_neurons_before_comparing_their_input_sets():
+  a = np.array([[1, 0], [1, 1], [0, 1]], bool)  # column inputs {0, 1} and {1, 2}
+  b = np.array([[1, 0], [0, 1], [0, 1]], bool)  # {0} and {1, 2}
+  # Jaccard distances: a0-b0 1/2, a0-b1 2/3, a1-b0 1, a1-b1 0: best pairing 0-0, 1-1.
+  assert sparsity.nnstd(a, b) == pytest.approx((0.5 + 0.0) / 2)
+  rng = np.random.default_rng(0)
+  mask = rng.random((30, 40)) < 0.3
+  permuted = mask[:, rng.permutation(40)]
+  assert sparsity.nnstd(mask, mask) == 0.0
+  assert sparsity.nnstd(mask, permuted) == 0.0  # the same network with neurons renamed
+  assert sparsity.topology_distance({'w': mask}, {'w': permuted})["['w']"] > 0.5
+  top, bottom = mask.copy(), mask.copy()
+  top[15:], bottom[:15] = False, False
+  assert sparsity.nnstd(top, bottom) == 1.0  # no input in common for any pairing
+  # Too wide to match (a vocabulary): compared column by column.
+  assert sparsity.nnstd(mask, permuted, max_matched=10) > 0.5
+  other = rng.random((30, 40)) < 0.3
+  tree = sparsity.nnstd_tree({'w': mask, 'b': None}, {'w': other, 'b': None})
+  assert list(tree) == ["['w']"] and 0.5 < tree["['w']"] < 1.0

@@ -216,27 +216,6 @@ def itop_rate(ever_active: Masks) -> dict[str, Any]:
   return {'total': active / size if size else 1.0, 'per_matrix': per_matrix}
 
 
-def topology_distance(masks_a: Masks, masks_b: Masks) -> dict[str, float]:
-  """Per-leaf normalised Hamming distance of two topologies.
-
-  ``|A xor B| / (|A| + |B|)``: 0 for identical masks, 1 for disjoint ones, the
-  measure used to compare the connectivity of runs and epochs.
-  """
-  flat_a, _ = jax.tree_util.tree_flatten_with_path(masks_a, is_leaf=is_none)
-  flat_b = jax.tree.leaves(masks_b, is_leaf=is_none)
-  if len(flat_a) != len(flat_b):
-    raise ValueError('masks have different structures')
-  result = {}
-  for (path, a), b in zip(flat_a, flat_b):
-    if a is None or b is None:
-      continue
-    a, b = np.asarray(a), np.asarray(b)
-    denominator = int(a.sum()) + int(b.sum())
-    result[jax.tree_util.keystr(path)] = (float(np.sum(a ^ b)) / denominator
-                                          if denominator else 0.0)
-  return result
-
-
 def summarize(masks: Masks, gate_layout: GateLayout) -> Mapping[str, Any]:
   """Overall density, per-leaf counts and per-gate densities, for logging."""
   return {'density': overall_density(masks), 'active': active_counts(masks),
