@@ -44,11 +44,13 @@ def _flags_parser(config_flag: flags.FlagHolder | None) -> Callable[[list[str]],
   return parse
 
 
-def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None) -> None:
-  """``app.run(main)`` with one-line errors for bad flags and for every :class:`UserError`."""
+def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None, *,
+        positional_args: bool = False) -> None:
+  """``app.run(main)`` with one-line errors for bad flags and for every :class:`UserError`;
+  arguments other than flags are an error unless ``positional_args``."""
 
   def guarded(argv: list[str]) -> None:
-    if len(argv) > 1:
+    if len(argv) > 1 and not positional_args:
       fail(f'unexpected arguments: {" ".join(argv[1:])}')
     try:
       main(argv)
