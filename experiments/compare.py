@@ -18,6 +18,12 @@ firing *is* that run (checked by replaying the trigger on the twin's recorded
 validation losses), and cells whose resolved configs are equal (SNFS with
 ``sgd`` and ``snt_asgd``, both SGD momentum) share one run. Shared rows say so
 (``shared_with`` in results.json, a mark in results.md).
+
+With a fixed switch (``--config.asgd_start_epoch=E``) the ``sgd`` and ``asgd``
+cells fork from their ``snt_asgd`` twin's checkpoint at the switch
+(``config.fork_from``) instead of retraining the first ``E - 1`` epochs; the
+continuation is the same run as one trained from scratch
+(``--nofork_continuations`` trains them from scratch anyway).
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ _CELL = flags.DEFINE_string('cell', None, 'Run only METHOD,OPTIMIZER,SEED.')
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only collect finished runs.')
 _SHARE = flags.DEFINE_bool('share_identical', True,
                            'Train identical cells once (see the module docstring).')
+_FORK = flags.DEFINE_bool('fork_continuations', True,
+                          'With asgd_start_epoch set, fork sgd/asgd cells from the snt_asgd '
+                          'run at its switch.')
 _LRS = flags.DEFINE_list('lrs', ['momentum:2.0', 'adam:0.002'],
                          'Learning rates per optimizer (others use --config.lr).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -79,13 +88,13 @@ def _never_averaged(config, records: list[dict]) -> bool:
 def identical_twin(base, workdir, method, optimizer, seed, lrs) -> str | None:
   """The finished run of another optimizer that this cell's run would repeat step for step."""
   config = cell_config(base, method, optimizer, seed, lrs)
-  for other in ('snt_asgd', 'sgd', 'momentum'):
+  for other in ('snt_asgd', 'sgd', 'asgd', 'momentum'):
     if other == optimizer:
       continue
     twin = cell_config(base, method, other, seed, lrs)
     exact = twin.to_dict() == config.to_dict()
     until_trigger = False  # the same steps unless the trigger fired
-    if not exact and {config.optimizer, twin.optimizer} == {'sgd', 'snt_asgd'}:
+    if not exact and {config.optimizer, twin.optimizer} <= set(train.FORKABLE_OPTIMIZERS):
       twin.optimizer = config.optimizer
       until_trigger = twin.to_dict() == config.to_dict()
     path = os.path.join(workdir, run_name(method, other, seed))
@@ -96,7 +105,8 @@ def identical_twin(base, workdir, method, optimizer, seed, lrs) -> str | None:
   return None
 
 
-def run_cell(base, workdir, method, optimizer, seed, lrs, share: bool = True) -> dict:
+def run_cell(base, workdir, method, optimizer, seed, lrs, share: bool = True,
+             fork: bool = True) -> dict:
   path = os.path.join(workdir, run_name(method, optimizer, seed))
   done = finished(path)
   if done is not None:
@@ -106,7 +116,12 @@ def run_cell(base, workdir, method, optimizer, seed, lrs, share: bool = True) ->
   if twin is not None:
     logging.info('%s: identical to the finished run %s, not trained again', path, twin)
     return finished(os.path.join(workdir, twin))
-  return train.train_and_evaluate(cell_config(base, method, optimizer, seed, lrs), path)
+  config = cell_config(base, method, optimizer, seed, lrs)
+  source = os.path.join(workdir, run_name(method, 'snt_asgd', seed))
+  if (fork and base.asgd_start_epoch and config.optimizer in ('sgd', 'asgd')
+      and os.path.isdir(os.path.join(source, 'switch'))):
+    config.fork_from = source
+  return train.train_and_evaluate(config, path)
 
 
 def _mean_std(values):
@@ -208,7 +223,7 @@ def main(argv):
       seed = int(seed)
     except ValueError:
       raise UserError(f'--cell must be METHOD,OPTIMIZER,SEED, got {_CELL.value!r}') from None
-    run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value)
+    run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value, _FORK.value)
     return
   if not _REPORT_ONLY.value:
     # SNT-ASGD first, so an SGD cell can find its finished twin.
@@ -216,7 +231,7 @@ def main(argv):
     for seed in seeds:
       for method in _METHODS.value:
         for optimizer in order:
-          run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value)
+          run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value, _FORK.value)
   rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
   write_report(rows, workdir)
   print(open(os.path.join(workdir, 'results.md')).read())

@@ -72,6 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.nonmono = 5
   # > 0: snt_asgd/asgd average from this epoch on, whatever the non-monotone trigger says.
   c.asgd_start_epoch = 0
+  # A run's workdir to fork from: this run starts where that one switched
+  # averaging on, with its own optimizer (snt_asgd, asgd or sgd; the same
+  # config otherwise), instead of retraining the shared SGD prefix.
+  c.fork_from = ''
   # snt_asgd (SGD, then sparse averaging on the trigger) | asgd (the same with dense
   # averaging, one counter: the ablation) | sgd | momentum | adam
   c.optimizer = 'snt_asgd'

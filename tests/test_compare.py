@@ -29,6 +29,9 @@ def test_sgd_cell_shares_the_snt_asgd_run_only_if_the_trigger_never_fired(tmp_pa
   assert compare.identical_twin(base, str(tmp_path), 'selfish', 'sgd', 1, {}) == (
       'selfish-snt_asgd-seed1')
   assert compare.identical_twin(base, str(tmp_path), 'set', 'sgd', 1, {}) is None
+  # asgd, too, takes snt_asgd's steps until averaging starts.
+  assert compare.identical_twin(base, str(tmp_path), 'selfish', 'asgd', 1, {}) == (
+      'selfish-snt_asgd-seed1')
   rows = _rows(base, tmp_path, ['selfish', 'set'])
   assert rows['selfish', 'sgd']['shared_with'] == ['selfish-snt_asgd-seed1']
   assert rows['selfish', 'sgd']['test_ppl'] == rows['selfish', 'snt_asgd']['test_ppl']
@@ -50,3 +53,21 @@ def test_cells_with_equal_resolved_configs_share_regardless_of_the_trigger(tmp_p
   assert compare.identical_twin(base, str(tmp_path), 'snfs', 'snt_asgd', 1,
                                 {'momentum': 2.0, 'snt_asgd': 30.0}) == 'snfs-sgd-seed1'
   assert compare.identical_twin(base, str(tmp_path), 'dense', 'snt_asgd', 1, lrs) is None
+
+
+def test_continuations_fork_from_the_snt_asgd_run_at_its_switch(tmp_path, monkeypatch):
+  base = ptb_lstm_small.get_config()
+  base.asgd_start_epoch = 8
+  (tmp_path / 'selfish-snt_asgd-seed1' / 'switch').mkdir(parents=True)
+  trained = {}
+  monkeypatch.setattr(compare.train, 'train_and_evaluate',
+                      lambda config, path: trained.setdefault(path, config) and {})
+  for optimizer in ('sgd', 'asgd', 'momentum'):
+    compare.run_cell(base, str(tmp_path), 'selfish', optimizer, 1, {})
+  forks = {path.rsplit('/', 1)[1]: config.fork_from for path, config in trained.items()}
+  source = str(tmp_path / 'selfish-snt_asgd-seed1')
+  assert forks == {'selfish-sgd-seed1': source, 'selfish-asgd-seed1': source,
+                   'selfish-momentum-seed1': ''}
+  trained.clear()
+  compare.run_cell(base, str(tmp_path), 'set', 'sgd', 1, {})  # no switched twin: from scratch
+  assert [c.fork_from for c in trained.values()] == ['']

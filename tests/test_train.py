@@ -315,3 +315,41 @@ def test_diverging_cli_run_exits_with_one_error_line(shared_data_dir, tmp_path):
       'error: training diverged: the training loss is nan at step '), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert not os.listdir(tmp_path / 'checkpoints')  # nothing of the diverged run saved
+
+
+@pytest.mark.parametrize('optimizer', ['asgd', 'sgd'])
+def test_forked_continuation_equals_the_run_trained_from_scratch(reference, tmp_path, optimizer):
+  # The reference (snt_asgd) switched at the end of epoch 2: asgd continues from
+  # there switched on, sgd with the topology update the source skipped.
+  config, reference_dir, _ = reference
+  config = config.copy_and_resolve_references()
+  config.optimizer = optimizer
+  scratch = train.train_and_evaluate(config, str(tmp_path / 'scratch'))
+  config.fork_from = str(reference_dir)
+  forked = train.train_and_evaluate(config, str(tmp_path / 'forked'))
+  assert forked == scratch
+  timing = ('epoch_time_s', 'train_tokens_per_s', 'ms_per_step', 'tokens_per_s')
+  records = {run: [{k: v for k, v in r.items() if k not in timing}
+                   for r in metrics_lib.read_records(str(tmp_path / run / 'metrics.jsonl'))]
+             for run in ('scratch', 'forked')}
+  assert records['forked'] == records['scratch']
+  assert [r['optimizer'] for r in _epoch_records(str(tmp_path / 'forked'))] == (
+      ['sgd', 'sgd', 'asgd'] if optimizer == 'asgd' else ['sgd', 'sgd', 'sgd'])
+
+
+def test_fork_refuses_a_different_config_or_a_run_that_never_switched(reference, tmp_path):
+  from selfish_jax.errors import ConfigError
+  config, reference_dir, _ = reference
+  config = config.copy_and_resolve_references()
+  config.update(optimizer='sgd', fork_from=str(reference_dir), density=0.5)
+  with pytest.raises(ConfigError, match='its config differs in density'):
+    train.train_and_evaluate(config, str(tmp_path / 'a'))
+  config.update(density=0.33, optimizer='adam')
+  with pytest.raises(ConfigError, match="'adam' has SGD-phase state"):
+    train.train_and_evaluate(config, str(tmp_path / 'b'))
+  # A run of the same config that has not switched yet (nothing but its config).
+  (tmp_path / 'young').mkdir()
+  (tmp_path / 'young' / 'config.json').write_text((reference_dir / 'config.json').read_text())
+  config.update(optimizer='sgd', fork_from=str(tmp_path / 'young'))
+  with pytest.raises(ConfigError, match='has not switched averaging on'):
+    train.train_and_evaluate(config, str(tmp_path / 'c'))

@@ -4,7 +4,9 @@
 masks, optimizer state with SNT-ASGD averages and counters, LSTM carry) and a
 JSON record of the loop's host state (epoch, position in the epoch, trigger
 history, best validation loss). ``WORKDIR/best/<epoch>`` holds the weights that
-scored best on validation (the averaged ones once SNT-ASGD is on). Orbax writes
+scored best on validation (the averaged ones once SNT-ASGD is on), and
+``WORKDIR/switch/<step>`` the state and host state at the end of the epoch
+whose validation switched averaging on (what other optimizers fork from). Orbax writes
 into a temporary folder and renames it when complete, so an interrupted save
 never replaces a good checkpoint.
 """
@@ -36,11 +38,10 @@ class Checkpoints:
   def __init__(self, workdir: str):
     self._latest = _manager(os.path.join(workdir, 'checkpoints'))
     self._best = _manager(os.path.join(workdir, 'best'))
+    self._switch = _manager(os.path.join(workdir, 'switch'))
 
   def save_latest(self, step: int, state: PyTree, host_state: dict) -> None:
-    self._latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
-    self._latest.wait_until_finished()
+    _save_state(self._latest, step, state, host_state)
 
   def latest_step(self) -> int | None:
     """The step of the latest checkpoint, or None if there is none."""
@@ -48,12 +49,14 @@ class Checkpoints:
 
   def restore_latest(self, like: PyTree) -> tuple[PyTree, dict] | None:
     """``(state, host_state)`` of the latest checkpoint, or None if there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    restored = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore()))
-    return restored['state'], restored['host']
+    return _restore_state(self._latest, like)
+
+  def save_switch(self, step: int, state: PyTree, host_state: dict) -> None:
+    _save_state(self._switch, step, state, host_state)
+
+  def restore_switch(self, like: PyTree) -> tuple[PyTree, dict] | None:
+    """``(state, host_state)`` where averaging was switched on, or None."""
+    return _restore_state(self._switch, like)
 
   def save_best(self, epoch: int, weights: PyTree) -> None:
     self._best.save(epoch, args=ocp.args.StandardSave(weights), force=True)
@@ -68,3 +71,20 @@ class Checkpoints:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+    self._switch.close()
+
+
+def _save_state(manager: ocp.CheckpointManager, step: int, state: PyTree,
+                host_state: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+  manager.wait_until_finished()
+
+
+def _restore_state(manager: ocp.CheckpointManager, like: PyTree) -> tuple[PyTree, dict] | None:
+  step = manager.latest_step()
+  if step is None:
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore()))
+  return restored['state'], restored['host']

@@ -30,7 +30,7 @@ from selfish_jax.errors import TrainingDiverged
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps
 from selfish_jax.training.checkpoint import Checkpoints
-from selfish_jax.training.metrics import MetricWriter
+from selfish_jax.training.metrics import MetricWriter, read_records
 
 PyTree = Any
 
@@ -58,6 +58,25 @@ class HostState:
 # Keys that may change when a run is resumed: they do not change its results.
 RESUMABLE_CHANGES = frozenset({'data_dir', 'download', 'download_url', 'log_every',
                                'checkpoint_every_steps', 'num_devices'})
+
+
+# Optimizers whose SGD phase carries no state: a run of one can continue another's.
+FORKABLE_OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd')
+
+
+def check_forkable(source: dict, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless ``config`` may continue the run whose config is ``source``."""
+  current = config.to_dict()
+  changed = sorted(k for k in set(source) | set(current)
+                   if k not in RESUMABLE_CHANGES | {'optimizer', 'fork_from'}
+                   and source.get(k) != current.get(k))
+  if changed:
+    raise config_lib.ConfigError(f'cannot fork from {config.fork_from}: its config differs in '
+                                 f'{", ".join(changed)}')
+  for optimizer in (source.get('optimizer'), config.optimizer):
+    if optimizer not in FORKABLE_OPTIMIZERS:
+      raise config_lib.ConfigError(f'cannot fork between optimizers other than '
+                                   f'{FORKABLE_OPTIMIZERS}: {optimizer!r} has SGD-phase state')
 
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
@@ -111,6 +130,54 @@ def method_rates(method: methods.Method, step: jax.Array) -> dict[str, float]:
   if method.density_schedule is not None:
     rates['target_density'] = float(method.density_schedule(step))
   return rates
+
+
+def fork(config, state, tx, method, change_topology, epoch_windows, topology_key, mask_fields,
+         writer):
+  """``(state, host)`` of ``config.fork_from``'s run where it switched averaging on,
+  continued with this run's optimizer.
+
+  The SGD phase of the forkable optimizers carries no state, so the fresh
+  optimizer state is exact; an optimizer that averages switches on at once,
+  and plain SGD, which would not have switched, gets the topology update the
+  source skipped in that epoch (same key and scores as the loop would use).
+  The source's metrics up to the fork are copied, so curves are complete.
+  """
+  source = config.fork_from
+  config_path = os.path.join(source, 'config.json')
+  if not os.path.exists(config_path):
+    raise config_lib.ConfigError(f'cannot fork from {source}: no config.json (not a run)')
+  with open(config_path) as f:
+    source_config = json.load(f)
+  check_forkable(source_config, config)
+  source_tx = optim.make_optimizer(source_config['optimizer'], config.lr)
+  source_checkpoints = Checkpoints(source)
+  restored = source_checkpoints.restore_switch(
+      state.replace(opt_state=source_tx.init(state.params)))
+  source_checkpoints.close()
+  if restored is None:
+    raise config_lib.ConfigError(f'cannot fork from {source}: it has not switched averaging on '
+                                 '(no switch checkpoint yet)')
+  state, host_json = restored
+  host = HostState.from_json(host_json)
+  state = state.replace(opt_state=tx.init(state.params))
+  records = [r for r in read_records(os.path.join(source, 'metrics.jsonl'))
+             if r['step'] <= int(state.step)]
+  epoch = host.epoch - 1  # the switching epoch, finished
+  if optim.can_average(state.opt_state):
+    state = state.replace(opt_state=optim.start_averaging(state.opt_state))
+  elif method.updates_at(int(state.step), epoch_end=True):
+    before = jax.device_get(state.masks)
+    state = change_topology(state, jax.random.fold_in(topology_key, epoch),
+                            epoch_windows(epoch)[0][0])
+    records[-1] = {**records[-1], **mask_fields(state), 'topology_distance':
+                   sparsity.topology_distance(before, jax.device_get(state.masks))}
+  writer.truncate_after(-1)  # a fork interrupted before its first checkpoint starts over
+  for record in records:
+    writer.write(record)
+  logging.info('Forked from %s at step %d (end of epoch %d) with optimizer %s.', source,
+               int(state.step), epoch, config.optimizer)
+  return state, host
 
 
 def _perplexity(loss: float) -> float:
@@ -193,6 +260,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return state.replace(params=params, masks=masks, method_state=method_state,
                          ever_active=union(state.ever_active, masks))
 
+  def mask_fields(state) -> dict:
+    """What an epoch record says about the masks."""
+    summary = sparsity.summarize(state.masks, model.gate_layout)
+    itop = sparsity.itop_rate(state.ever_active)
+    return {'density': summary['density'], 'gate_density': summary['gate_density'],
+            'itop_rate': itop['total'], 'itop_rate_per_matrix': itop['per_matrix']}
+
   config_path = os.path.join(workdir, 'config.json')
   if os.path.exists(config_path):
     with open(config_path) as f:
@@ -205,7 +279,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   host = HostState()
   restored = checkpoints.restore_latest(state)
-  if restored is not None:
+  if restored is None and config.fork_from:
+    state, host = fork(config, state, tx, method, change_topology, epoch_windows, topology_key,
+                       mask_fields, writer)
+    checkpoints.save_latest(int(state.step), state, host.to_json())
+  elif restored is not None:
     state, host_json = restored
     host = HostState.from_json(host_json)
     writer.truncate_after(int(state.step))
@@ -303,34 +381,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not averaging:
       host.val_losses.append(val_loss)
     moved = {}
-    if method.updates_at(step, epoch_end=True) and not switched:
+    if method.updates_at(step, epoch_end=True) and not switched:  # (fork() repeats this)
       before = jax.device_get(state.masks)
       state = change_topology(state, jax.random.fold_in(topology_key, epoch),
                               parallel.put(train_windows[0], batch_sharded))
       moved = sparsity.topology_distance(before, jax.device_get(state.masks))
-    summary = sparsity.summarize(state.masks, model.gate_layout)
-    itop = sparsity.itop_rate(state.ever_active)
+    fields = mask_fields(state)
     record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
-              'val_ppl': _perplexity(val_loss), 'density': summary['density'],
+              'val_ppl': _perplexity(val_loss),
               'optimizer': 'asgd' if averaging else 'sgd', **method_rates(method, state.step),
               'epoch_time_s': time.time() - epoch_start,
               # Of this session's part of the epoch (all of it unless resumed mid-epoch).
               'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
-              'gate_density': summary['gate_density'],
-              'itop_rate': itop['total'], 'itop_rate_per_matrix': itop['per_matrix'],
-              'topology_distance': moved}  # per matrix, this epoch's update
+              **fields, 'topology_distance': moved}  # per matrix, this epoch's update
     writer.write(record)
     logging.info('| end of epoch %3d | %6.1fs | valid loss %5.2f | valid ppl %8.2f | %s | '
-                 'density %.4f%s%s', epoch, record['epoch_time_s'], val_loss, record['val_ppl'],
-                 record['optimizer'], summary['density'],
+                 'density %.4f | ITOP %.4f%s%s', epoch, record['epoch_time_s'], val_loss,
+                 record['val_ppl'], record['optimizer'], fields['density'], fields['itop_rate'],
                  ''.join(f' | {k.replace("_", " ")} {v:.4f}'
                          for k, v in method_rates(method, state.step).items()),
                  ' | best' if improved else '')
-    for name, gates in summary['gate_density'].items():
+    for name, gates in fields['gate_density'].items():
       logging.info('    gate density %s: %s', name,
                    ' '.join(f'{g}={d:.3f}' for g, d in gates.items()))
     host.epoch, host.window = epoch + 1, 0
     save_latest()
+    if switched:
+      checkpoints.save_switch(int(state.step), state, host.to_json())
 
   best = checkpoints.restore_best(state.params)
   test_loss = evaluate(best if best is not None else state.params, test_windows)
