@@ -22,6 +22,32 @@ GROWTH_MODES = topology.GROWTH_MODES
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
+def add_optimizer_keys(c: ml_collections.ConfigDict) -> None:
+  """The optimizer section (SNT-ASGD and the others), shared by every task's config."""
+  # snt_asgd (SGD, then sparse averaging on the trigger) | asgd (the same with dense
+  # averaging, one counter: the ablation) | sgd | momentum | adam
+  c.optimizer = 'snt_asgd'
+  c.lr = 20.0
+  c.clip = 0.25
+  c.weight_decay = 1.2e-6
+  c.momentum = 0.9  # for optimizer=momentum (and adam's b1)
+  c.nonmono = 5
+  # > 0: snt_asgd/asgd average from this epoch on, whatever the non-monotone trigger says.
+  c.asgd_start_epoch = 0
+
+
+def add_sparsity_keys(c: ml_collections.ConfigDict) -> None:
+  """The sparse-training section (method, density, schedule), shared by every task's config."""
+  c.method = 'selfish'
+  c.density = 0.33
+  c.sparse_init = 'uniform'
+  c.death_rate = 0.8
+  c.death_rate_final = 0.005
+  c.growth = 'random'  # selfish only: random | gradient (RigL-style) | momentum (SNFS-style)
+  c.update_every = 100  # rigl, gmp: topology steps between updates (the others: every epoch)
+  c.update_end_fraction = 0.75  # rigl, gmp: no updates after this fraction of training
+
+
 def default_config() -> ml_collections.ConfigDict:
   """All configuration keys with their defaults (a small PTB LSTM)."""
   c = ml_collections.ConfigDict()
@@ -66,31 +92,14 @@ def default_config() -> ml_collections.ConfigDict:
   # with the window's length / bptt. Windows are padded to one length.
   c.variable_bptt = False
   c.max_bptt_delta = 20
-  c.lr = 20.0
-  c.clip = 0.25
-  c.weight_decay = 1.2e-6
-  c.nonmono = 5
-  # > 0: snt_asgd/asgd average from this epoch on, whatever the non-monotone trigger says.
-  c.asgd_start_epoch = 0
+  add_optimizer_keys(c)
   # A run's workdir to fork from: this run starts where that one switched
   # averaging on, with its own optimizer (snt_asgd, asgd or sgd; the same
   # config otherwise), instead of retraining the shared SGD prefix.
   c.fork_from = ''
-  # snt_asgd (SGD, then sparse averaging on the trigger) | asgd (the same with dense
-  # averaging, one counter: the ablation) | sgd | momentum | adam
-  c.optimizer = 'snt_asgd'
-  c.momentum = 0.9  # for optimizer=momentum (and adam's b1)
   c.num_epochs = 15
   c.max_steps_per_epoch = 0  # 0 = the whole training split each epoch
-  # Sparsity (Selfish-RNN).
-  c.method = 'selfish'
-  c.density = 0.33
-  c.sparse_init = 'uniform'
-  c.death_rate = 0.8
-  c.death_rate_final = 0.005
-  c.growth = 'random'  # selfish only: random | gradient (RigL-style) | momentum (SNFS-style)
-  c.update_every = 100  # rigl, gmp: topology steps between updates (the others: every epoch)
-  c.update_end_fraction = 0.75  # rigl, gmp: no updates after this fraction of training
+  add_sparsity_keys(c)
   # Devices: data parallelism over a 1-D mesh.
   c.num_devices = 0  # 0 = all devices; the batch sizes must be divisible by it
   # > 0: gradients of this many equal row groups, gathered and summed in order,
@@ -116,11 +125,42 @@ def _check_positive_int(config, key, minimum=1):
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises :class:`ConfigError` naming the first bad or unknown value."""
-  unknown = set(config.keys()) - set(default_config().keys())
-  if unknown:
-    raise ConfigError(f'unknown config key(s): {", ".join(sorted(unknown))}')
+  check_known_keys(config, default_config())
   _check_choice(config, 'dataset', DATASETS)
   _check_choice(config, 'model', MODELS)
+  validate_sparse_training(config)
+  _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
+  if not (isinstance(config.loss_chunk_rows, int) and config.loss_chunk_rows >= 0):
+    raise ConfigError(f'loss_chunk_rows must be an integer >= 0, got {config.loss_chunk_rows!r}')
+  for key in ('dropout', 'dropout_input', 'dropout_hidden', 'dropout_embedding',
+              'dropout_latent', 'weight_drop'):
+    if not 0.0 <= config[key] < 1.0:
+      raise ConfigError(f'{key} must be in [0, 1), got {config[key]!r}')
+  for key in ('ar_alpha', 'tar_beta'):
+    if config[key] < 0:
+      raise ConfigError(f'{key} must be >= 0, got {config[key]!r}')
+  for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
+              'num_epochs', 'log_every', 'rhn_depth', 'chunk_size', 'n_experts'):
+    _check_positive_int(config, key)
+  for key in ('nhid_last', 'max_bptt_delta', 'max_steps_per_epoch', 'checkpoint_every_steps',
+              'num_devices', 'gradient_groups'):
+    _check_positive_int(config, key, minimum=0)
+  if config.gradient_groups and config.batch_size % config.gradient_groups:
+    raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
+                      f'gradient_groups={config.gradient_groups}')
+  models.check_model_config(config, default_config())
+  return config
+
+
+def check_known_keys(config: ml_collections.ConfigDict,
+                     defaults: ml_collections.ConfigDict) -> None:
+  unknown = set(config.keys()) - set(defaults.keys())
+  if unknown:
+    raise ConfigError(f'unknown config key(s): {", ".join(sorted(unknown))}')
+
+
+def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
+  """Checks the keys of :func:`add_optimizer_keys` and :func:`add_sparsity_keys`."""
   _check_choice(config, 'method', METHODS)
   _check_choice(config, 'sparse_init', SPARSE_INITS)
   _check_choice(config, 'growth', GROWTH_MODES)
@@ -130,33 +170,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if method.scores == 'momentum' and config.optimizer not in ('momentum', 'adam'):
     raise ConfigError(f'method {config.method!r} with growth from momentum needs '
                       f"optimizer 'momentum' or 'adam', not {config.optimizer!r}")
-  _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
-  if not (isinstance(config.loss_chunk_rows, int) and config.loss_chunk_rows >= 0):
-    raise ConfigError(f'loss_chunk_rows must be an integer >= 0, got {config.loss_chunk_rows!r}')
   if not (isinstance(config.density, (int, float)) and 0.0 < config.density <= 1.0):
     raise ConfigError(f'density must be in (0, 1], got {config.density!r}')
   if not 0.0 <= config.death_rate <= 1.0:
     raise ConfigError(f'death_rate must be in [0, 1], got {config.death_rate!r}')
-  for key in ('dropout', 'dropout_input', 'dropout_hidden', 'dropout_embedding',
-              'dropout_latent', 'weight_drop'):
-    if not 0.0 <= config[key] < 1.0:
-      raise ConfigError(f'{key} must be in [0, 1), got {config[key]!r}')
-  for key in ('ar_alpha', 'tar_beta'):
-    if config[key] < 0:
-      raise ConfigError(f'{key} must be >= 0, got {config[key]!r}')
   if not 0.0 < config.update_end_fraction <= 1.0:
     raise ConfigError(f'update_end_fraction must be in (0, 1], got {config.update_end_fraction!r}')
-  for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
-              'num_epochs', 'log_every', 'update_every', 'rhn_depth', 'chunk_size', 'n_experts'):
-    _check_positive_int(config, key)
-  for key in ('nhid_last', 'max_bptt_delta', 'nonmono', 'asgd_start_epoch', 'max_steps_per_epoch',
-              'checkpoint_every_steps',
-              'num_devices', 'gradient_groups'):
+  _check_positive_int(config, 'update_every')
+  for key in ('nonmono', 'asgd_start_epoch'):
     _check_positive_int(config, key, minimum=0)
-  if config.gradient_groups and config.batch_size % config.gradient_groups:
-    raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
-                      f'gradient_groups={config.gradient_groups}')
   if config.lr <= 0:
     raise ConfigError(f'lr must be > 0, got {config.lr!r}')
-  models.check_model_config(config, default_config())
-  return config
