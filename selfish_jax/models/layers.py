@@ -74,6 +74,49 @@ def drop_connect(module: nn.Module, kernel: jax.Array, rate: float, train: bool)
   return kernel * _keep_mask(module, rate, kernel.shape).astype(kernel.dtype)
 
 
+def embedded_words(module: nn.Module, embedding: jax.Array, tokens: jax.Array,
+                   dropout_embedding: float, dropout_input: float, train: bool) -> jax.Array:
+  """Time-major ``[T, B, E]`` embeddings of ``tokens [B, T]`` with AWD-LSTM's input
+  regularisation: whole words dropped, then locked dropout."""
+  table = embedding_dropout(module, embedding, dropout_embedding, train)
+  return locked_dropout(module, jnp.take(table, tokens.T, axis=0), dropout_input, train)
+
+
+def decoder_params(module: nn.Module, embedding: jax.Array, tied: bool, features: int,
+                   init: nn.initializers.Initializer) -> tuple[jax.Array, jax.Array]:
+  """``(kernel [features, vocab], bias)`` of the softmax: the embedding's transpose
+  when ``tied``, else a ``decoder_kernel`` of its own; ``decoder_bias`` starts at 0."""
+  vocab_size = embedding.shape[0]
+  kernel = embedding.T if tied else module.param('decoder_kernel', init, (features, vocab_size))
+  bias = module.param('decoder_bias', nn.initializers.zeros_init(), (vocab_size,))
+  return kernel, bias
+
+
+def tied_embedding_uses(names: tuple[str, ...], tied: bool) -> int:
+  """``weight_uses`` of a model with one softmax: the embedding is a lookup unless
+  it is also the decoder; every other matrix multiplies once per token."""
+  if names[-1] == 'embedding':
+    return 1 if tied else 0
+  return 1
+
+
+def awd_stack(module: nn.Module, cells: Sequence[nn.Module], x: jax.Array, carry: Sequence,
+              valid: jax.Array | None, train: bool, *, dropout_hidden: float, dropout: float,
+              ar_alpha: float, tar_beta: float) -> tuple[jax.Array, tuple]:
+  """AWD-LSTM's layer stack: each ``cell(x, carry, valid, train)`` in turn, locked
+  dropout between layers (``dropout_hidden``) and after the last (``dropout``),
+  AR/TAR of the last layer sown in training. Returns ``(output, carries)``."""
+  new_carry = []
+  for layer, cell in enumerate(cells):
+    raw, layer_carry = cell(x, carry[layer], valid, train)
+    new_carry.append(layer_carry)
+    last = layer == len(cells) - 1
+    x = locked_dropout(module, raw, dropout if last else dropout_hidden, train)
+  if train:
+    sow_activation_penalties(module, x, raw, valid, ar_alpha, tar_beta)
+  return x, tuple(new_carry)
+
+
 def time_valid(weights: jax.Array | None) -> jax.Array | None:
   """``[T, B, 1]`` booleans, True at real (unpadded) steps of batch-major ``weights [B, T]``.
 

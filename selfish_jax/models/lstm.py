@@ -182,9 +182,7 @@ class StackedLSTMLM(nn.Module):
     return lstm_gate_layout(names, shape)
 
   def weight_uses(self, names: tuple[str, ...]) -> int:
-    if names[-1] == 'embedding':
-      return 1 if self.tied else 0  # a lookup, unless it is also the decoder
-    return 1
+    return layers.tied_embedding_uses(names, self.tied)
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
@@ -212,11 +210,7 @@ class StackedLSTMLM(nn.Module):
           x, carry[layer], valid)
       new_carry.append(layer_carry)
       x = drop(x)  # between layers and, after the last, on the output
-    if self.tied:
-      kernel = embedding.T
-    else:
-      kernel = self.param('decoder_kernel', uniform_init(0.1), (self.nhid, self.vocab_size))
-    bias = self.param('decoder_bias', nn.initializers.zeros_init(), (self.vocab_size,))
+    kernel, bias = layers.decoder_params(self, embedding, self.tied, self.nhid, uniform_init(0.1))
     dtype = self.compute_dtype
     out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
                          self.loss_chunk_rows)

@@ -103,17 +103,13 @@ class AWDLSTMMoSLM(nn.Module):
     dtype = self.compute_dtype
     valid = layers.time_valid(weights)
     embedding = self.param('embedding', uniform_init(0.1), (self.vocab_size, self.emsize))
-    table = layers.embedding_dropout(self, embedding, self.dropout_embedding, train)
-    x = layers.locked_dropout(self, jnp.take(table, tokens.T, axis=0), self.dropout_input, train)
-    new_carry = []
-    for layer, hidden in enumerate(self.hidden_sizes):
-      raw, layer_carry = LSTMLayer(hidden, dtype, self.weight_drop, name=f'lstm_{layer}')(
-          x, carry[layer], valid, train)
-      new_carry.append(layer_carry)
-      last = layer == self.nlayers - 1
-      x = layers.locked_dropout(self, raw, self.dropout if last else self.dropout_hidden, train)
-    if train:
-      layers.sow_activation_penalties(self, x, raw, valid, self.ar_alpha, self.tar_beta)
+    x = layers.embedded_words(self, embedding, tokens, self.dropout_embedding, self.dropout_input,
+                              train)
+    cells = [LSTMLayer(hidden, dtype, self.weight_drop, name=f'lstm_{layer}')
+             for layer, hidden in enumerate(self.hidden_sizes)]
+    x, new_carry = layers.awd_stack(self, cells, x, carry, valid, train,
+                                    dropout_hidden=self.dropout_hidden, dropout=self.dropout,
+                                    ar_alpha=self.ar_alpha, tar_beta=self.tar_beta)
     steps, batch = x.shape[:2]
     latent_width = self.n_experts * self.emsize
     w_latent = self.param('latent_kernel', linear_init(self.nhid_last),
@@ -127,18 +123,14 @@ class AWDLSTMMoSLM(nn.Module):
     latent = latent.reshape(steps, batch, self.n_experts, self.emsize).astype(dtype)
     prior_logits = jnp.dot(x.astype(dtype), w_prior.astype(dtype),
                            preferred_element_type=jnp.float32)
-    if self.tied:
-      kernel = embedding.T
-    else:
-      kernel = self.param('decoder_kernel', uniform_init(0.1), (self.emsize, self.vocab_size))
-    bias = self.param('decoder_bias', nn.initializers.zeros_init(), (self.vocab_size,))
+    kernel, bias = layers.decoder_params(self, embedding, self.tied, self.emsize, uniform_init(0.1))
     kernel = kernel.astype(dtype)
     if targets is None:
       log_p = mixture_log_probs(latent.reshape(steps * batch, self.n_experts, -1),
                                 prior_logits.reshape(steps * batch, -1), kernel, bias)
-      return jnp.swapaxes(log_p.reshape(steps, batch, -1), 0, 1), tuple(new_carry)
+      return jnp.swapaxes(log_p.reshape(steps, batch, -1), 0, 1), new_carry
     nll = mixture_nll(latent, prior_logits, kernel, bias, targets.T,
                       chunk_steps(steps, batch, self.loss_chunk_rows))
     if weights is None:
-      return nll.T, tuple(new_carry)
-    return jnp.sum(weights.T * nll), tuple(new_carry)
+      return nll.T, new_carry
+    return jnp.sum(weights.T * nll), new_carry

@@ -136,9 +136,7 @@ class ONLSTMLM(nn.Module):
     return None
 
   def weight_uses(self, names: tuple[str, ...]) -> int:
-    if names[-1] == 'embedding':
-      return 1 if self.tied else 0
-    return 1
+    return layers.tied_embedding_uses(names, self.tied)
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
@@ -147,24 +145,15 @@ class ONLSTMLM(nn.Module):
     in training the AR/TAR penalties are sown into ``'penalties'``."""
     valid = layers.time_valid(weights)
     embedding = self.param('embedding', uniform_init(0.1), (self.vocab_size, self.emsize))
-    table = layers.embedding_dropout(self, embedding, self.dropout_embedding, train)
-    x = layers.locked_dropout(self, jnp.take(table, tokens.T, axis=0), self.dropout_input, train)
-    new_carry = []
-    for layer, hidden in enumerate(self.hidden_sizes):
-      raw, layer_carry = ONLSTMLayer(hidden, self.chunk_size, self.weight_drop,
-                                     self.compute_dtype, name=f'onlstm_{layer}')(
-                                         x, carry[layer], valid, train)
-      new_carry.append(layer_carry)
-      last = layer == self.nlayers - 1
-      x = layers.locked_dropout(self, raw, self.dropout if last else self.dropout_hidden, train)
-    if train:
-      layers.sow_activation_penalties(self, x, raw, valid, self.ar_alpha, self.tar_beta)
-    if self.tied:
-      kernel = embedding.T
-    else:
-      kernel = self.param('decoder_kernel', uniform_init(0.1), (self.emsize, self.vocab_size))
-    bias = self.param('decoder_bias', nn.initializers.zeros_init(), (self.vocab_size,))
+    x = layers.embedded_words(self, embedding, tokens, self.dropout_embedding, self.dropout_input,
+                              train)
+    cells = [ONLSTMLayer(hidden, self.chunk_size, self.weight_drop, self.compute_dtype,
+                         name=f'onlstm_{layer}') for layer, hidden in enumerate(self.hidden_sizes)]
+    x, new_carry = layers.awd_stack(self, cells, x, carry, valid, train,
+                                    dropout_hidden=self.dropout_hidden, dropout=self.dropout,
+                                    ar_alpha=self.ar_alpha, tar_beta=self.tar_beta)
+    kernel, bias = layers.decoder_params(self, embedding, self.tied, self.emsize, uniform_init(0.1))
     dtype = self.compute_dtype
     out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
                          self.loss_chunk_rows)
-    return out, tuple(new_carry)
+    return out, new_carry

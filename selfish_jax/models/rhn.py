@@ -104,9 +104,7 @@ class RHNLM(nn.Module):
     return None
 
   def weight_uses(self, names: tuple[str, ...]) -> int:
-    if names[-1] == 'embedding':
-      return 1 if self.tied else 0
-    return 1
+    return layers.tied_embedding_uses(names, self.tied)
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: tuple[jax.Array], *, train: bool,
@@ -117,17 +115,13 @@ class RHNLM(nn.Module):
     valid = layers.time_valid(weights)
     embedding = self.param('embedding', uniform_init(self.init_scale),
                            (self.vocab_size, self.emsize))
-    table = layers.embedding_dropout(self, embedding, self.dropout_embedding, train)
-    x = layers.locked_dropout(self, jnp.take(table, tokens.T, axis=0), self.dropout_input, train)
+    x = layers.embedded_words(self, embedding, tokens, self.dropout_embedding, self.dropout_input,
+                              train)
     x, s = RHNLayer(self.nhid, self.depth, self.transform_bias, self.init_scale,
                     self.dropout_hidden, self.compute_dtype, name='rhn')(x, carry[0], valid, train)
     x = layers.locked_dropout(self, x, self.dropout, train)
-    if self.tied:
-      kernel = embedding.T
-    else:
-      kernel = self.param('decoder_kernel', uniform_init(self.init_scale),
-                          (self.nhid, self.vocab_size))
-    bias = self.param('decoder_bias', nn.initializers.zeros_init(), (self.vocab_size,))
+    kernel, bias = layers.decoder_params(self, embedding, self.tied, self.nhid,
+                                         uniform_init(self.init_scale))
     dtype = self.compute_dtype
     out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
                          self.loss_chunk_rows)

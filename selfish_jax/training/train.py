@@ -327,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if host.window == 0:
       state = state.replace(carry=initial_carry())
     train_windows, lr_factors = epoch_windows(epoch)
+    window_tokens = train_windows.weights.sum(axis=(1, 2)).astype(int)  # real tokens a window
     epoch_steps = train_windows.num_windows
     if config.max_steps_per_epoch:
       epoch_steps = min(epoch_steps, config.max_steps_per_epoch)
@@ -336,9 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       window = parallel.put(train_windows[index], batch_sharded)
       state, loss = train_step(state, window, dropout_key, lr_factors[index])
       step += 1
-      tokens = int(train_windows.weights[index].sum())
-      interval_tokens += tokens
-      epoch_tokens += tokens
+      interval_tokens += int(window_tokens[index])
+      epoch_tokens += int(window_tokens[index])
       if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
         state = change_topology(state, jax.random.fold_in(topology_key, state.step), window)
       losses.append(loss)
