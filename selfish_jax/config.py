@@ -10,13 +10,14 @@ from __future__ import annotations
 import ml_collections
 
 from selfish_jax import models, optim
+from selfish_jax.data import corpus
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks, methods, topology
 
 MODELS = models.MODELS
 METHODS = methods.METHODS
 OPTIMIZERS = optim.OPTIMIZERS
-DATASETS = ('ptb', 'wikitext2')
+DATASETS = (*corpus.KNOWN_CORPORA, corpus.TEXT_DIRECTORY)
 SPARSE_INITS = masks.SPARSE_INITS
 GROWTH_MODES = topology.GROWTH_MODES
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -52,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   """All configuration keys with their defaults (a small PTB LSTM)."""
   c = ml_collections.ConfigDict()
   # Data.
-  c.dataset = 'ptb'
+  c.dataset = 'ptb'  # ptb | wikitext2 | text (data_dir is then the corpus folder itself)
   c.data_dir = '~/.cache/selfish_jax'  # holds ptb/ and wikitext-2/; also the download cache
   c.download = True  # fetch missing splits (sha256-checked) from their public location
   c.download_url = ''  # a mirror serving {split}.txt, instead of the standard location

@@ -26,11 +26,44 @@ def shared_data_dir():
   return SHARED_DATA
 
 
-def make_tiny_config(data_dir):
-  """A small LSTM on real PTB: a few windows per epoch, fast on CPU."""
+def write_text_corpus(directory, vocab_size=40, tokens=(20_000, 2_000, 2_000), seed=0):
+  """Writes ``{train,valid,test}.txt`` of a small learnable language (``dataset='text'``).
+
+  Sentences follow a fixed random Markov chain whose next word is one of
+  three likely successors, so a model's loss falls within a few steps while
+  the vocabulary stays tiny (evaluating a 10k-word softmax costs most of a
+  family test's time otherwise).
+  """
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  successors = rng.integers(0, vocab_size, size=(vocab_size, 3))
+  os.makedirs(directory, exist_ok=True)
+  for split, count in zip(('train', 'valid', 'test'), tokens):
+    words, word = [], 0
+    while len(words) < count:
+      line = []
+      for _ in range(rng.integers(5, 15)):
+        word = successors[word, rng.integers(3)]
+        line.append(f'w{word}' if word else '<unk>')  # unknown words map to <unk>, as in PTB
+      words.extend(line)
+      words.append('\n')
+    with open(os.path.join(directory, f'{split}.txt'), 'w') as f:
+      f.write(' '.join(words).replace(' \n ', '\n'))
+  return str(directory)
+
+
+@pytest.fixture(scope='session')
+def text_corpus_dir(tmp_path_factory):
+  """A generated corpus folder for ``dataset='text'``."""
+  return write_text_corpus(tmp_path_factory.mktemp('text_corpus'))
+
+
+def make_tiny_config(data_dir, dataset='ptb'):
+  """A small LSTM on real PTB (or ``dataset='text'``: a generated corpus in
+  ``data_dir``): a few windows per epoch, fast on CPU."""
   from experiments.configs import ptb_lstm_small
   config = ptb_lstm_small.get_config()
-  config.update(data_dir=data_dir, download=False, emsize=16, nhid=16, batch_size=4,
+  config.update(dataset=dataset, data_dir=data_dir, download=False, emsize=16, nhid=16, batch_size=4,
                 eval_batch_size=64, bptt=5, lr=5.0, dropout=0.1, num_epochs=3,
                 max_steps_per_epoch=12, log_every=4, death_rate=0.5)
   return config

@@ -12,11 +12,11 @@ from selfish_jax.training import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_analyze_writes_plots_and_the_nnstd_of_runs(shared_data_dir, tmp_path):
+def test_analyze_writes_plots_and_the_nnstd_of_runs(text_corpus_dir, tmp_path):
   from conftest import make_tiny_config
   workdirs = []
   for seed in (1, 2):
-    config = make_tiny_config(shared_data_dir)
+    config = make_tiny_config(text_corpus_dir, dataset='text')
     config.update(seed=seed, num_epochs=2, max_steps_per_epoch=3)
     workdir = str(tmp_path / f'seed{seed}')
     train.train_and_evaluate(config, workdir)

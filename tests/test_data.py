@@ -82,6 +82,17 @@ def test_unknown_dataset_is_a_clear_error(tmp_path):
     load_corpus('ptb2', str(tmp_path))
 
 
+def test_own_text_corpus_is_read_from_its_folder(tmp_path):
+  _write_split_files(tmp_path, {'train': 'a b a\nc\n', 'valid': 'a c\n'}, gz=True)
+  with pytest.raises(DataError, match='missing data file: no test.txt or test.txt.gz in'):
+    load_corpus('text', str(tmp_path))
+  _write_split_files(tmp_path, {'test': 'b a\n'})
+  own = load_corpus('text', str(tmp_path))
+  assert own.vocab == ('a', 'b', '<eos>', 'c')
+  np.testing.assert_array_equal(own.train, [0, 1, 0, 2, 3, 2])
+  np.testing.assert_array_equal(own.test, [1, 0, 2])
+
+
 @pytest.fixture
 def http_server(tmp_path):
   """Serves ``tmp_path/served`` on 127.0.0.1; yields (folder, base url)."""

@@ -366,9 +366,10 @@ class Interrupted(Exception):
 
 
 @pytest.mark.parametrize('model', NEW_FAMILIES)
-def test_each_family_resumes_to_identical_results(model, shared_data_dir, tmp_path, monkeypatch):
+def test_each_family_resumes_to_identical_results(model, text_corpus_dir, tmp_path, monkeypatch):
   # Variable BPTT for the AWD families: the resumed epoch draws the same windows.
-  config = _config(model, data_dir=shared_data_dir, download=False, eval_batch_size=64,
+  config = _config(model, dataset='text', data_dir=text_corpus_dir, download=False,
+                   eval_batch_size=64,
                    num_epochs=2, max_steps_per_epoch=6, checkpoint_every_steps=2, log_every=1,
                    lr=2.0, variable_bptt=model != 'rhn', max_bptt_delta=3)
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))

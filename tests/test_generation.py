@@ -43,18 +43,18 @@ def test_greedy_sampling_feeds_back_the_most_likely_token(family):
   assert len(set(drawn.tolist())) > 1 and 0 <= int(drawn.min()) and int(drawn.max()) < 30
 
 
-def test_generate_cli_continues_a_prompt_from_a_finished_run(shared_data_dir, tmp_path):
+def test_generate_cli_continues_a_prompt_from_a_finished_run(text_corpus_dir, tmp_path):
   from conftest import make_tiny_config
   from selfish_jax.training import train
-  config = make_tiny_config(shared_data_dir)
+  config = make_tiny_config(text_corpus_dir, dataset='text')
   config.update(num_epochs=1, max_steps_per_epoch=4)
   train.train_and_evaluate(config, str(tmp_path))
   command = [sys.executable, '-m', 'experiments.generate', f'--workdir={tmp_path}',
-             '--prompt=the company zzzunknownword', '--num_tokens=12', '--temperature=0']
+             '--prompt=w1 w2 zzzunknownword', '--num_tokens=12', '--temperature=0']
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.startswith('the company zzzunknownword ')  # unknown words: <unk>
-  generated = result.stdout[len('the company zzzunknownword '):]
+  assert result.stdout.startswith('w1 w2 zzzunknownword ')  # unknown words: <unk>
+  generated = result.stdout[len('w1 w2 zzzunknownword '):]
   # Every token is a word or, for <eos>, a line break (print adds the last one).
   assert len(generated.split()) + generated.count('\n') - 1 == 12
   again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -21,20 +21,22 @@ ENV = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
        'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
 
 
-def _cli(workdir, *overrides):
+def _cli(workdir, data_dir, *overrides):
   return [sys.executable, '-m', 'experiments.main',
           '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={workdir}',
-          '--config.data_dir=../shared/data', '--config.download=False', '--config.emsize=16',
+          '--config.dataset=text', f'--config.data_dir={data_dir}', '--config.download=False',
+          '--config.emsize=16',
           '--config.nhid=16', '--config.batch_size=8', '--config.eval_batch_size=8',
           '--config.bptt=5', '--config.lr=5', '--config.num_epochs=3', '--config.max_steps_per_epoch=6',
           '--config.log_every=2', '--config.gradient_groups=4', '--config.asgd_start_epoch=3',
           *overrides]
 
 
-def test_device_counts_give_the_same_run_through_the_cli(shared_data_dir, tmp_path):
+def test_device_counts_give_the_same_run_through_the_cli(text_corpus_dir, tmp_path):
   runs = {}
   for n in (1, 4):
-    done = subprocess.run(_cli(tmp_path / str(n), f'--config.num_devices={n}'), cwd=ROOT,
+    done = subprocess.run(_cli(tmp_path / str(n), text_corpus_dir, f'--config.num_devices={n}'),
+                          cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     runs[n] = metrics.read_records(str(tmp_path / str(n) / 'metrics.jsonl'))
@@ -54,8 +56,8 @@ def test_device_counts_give_the_same_run_through_the_cli(shared_data_dir, tmp_pa
     assert other[-1]['density'] == one[-1]['density']
 
 
-def test_batch_not_divisible_by_the_devices_is_refused(shared_data_dir, tmp_path):
-  done = subprocess.run(_cli(tmp_path, '--config.num_devices=4', '--config.batch_size=6',
+def test_batch_not_divisible_by_the_devices_is_refused(text_corpus_dir, tmp_path):
+  done = subprocess.run(_cli(tmp_path, text_corpus_dir, '--config.num_devices=4', '--config.batch_size=6',
                              '--config.gradient_groups=0'),
                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert done.returncode == 1

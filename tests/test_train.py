@@ -245,12 +245,13 @@ def test_every_method_trains_at_its_promised_density(tiny_config, tmp_path, meth
                                       if method == 'gmp' else [None, None])
 
 
-def test_compare_runner_writes_the_table_and_skips_finished_runs(shared_data_dir, tmp_path):
+def test_compare_runner_writes_the_table_and_skips_finished_runs(text_corpus_dir, tmp_path):
   command = [sys.executable, '-m', 'experiments.compare',
              '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={tmp_path}',
              '--methods=dense,snfs', '--optimizers=sgd', '--seeds=1,2',
-             f'--config.data_dir={shared_data_dir}', '--config.download=False',
-             '--config.emsize=16', '--config.nhid=16', '--config.batch_size=4',
+             '--config.dataset=text', f'--config.data_dir={text_corpus_dir}',
+             '--config.download=False', '--config.emsize=16', '--config.nhid=16',
+             '--config.batch_size=4',
              '--config.eval_batch_size=64', '--config.bptt=5', '--config.lr=5',
              '--config.num_epochs=1', '--config.max_steps_per_epoch=3', '--lrs=momentum:1.0']
   env = {**os.environ, 'PYTHONPATH': ROOT}

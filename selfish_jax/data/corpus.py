@@ -22,6 +22,8 @@ from selfish_jax.errors import DataError
 EOS = '<eos>'
 UNK = '<unk>'
 SPLITS = ('train', 'valid', 'test')
+# The dataset name of a user's own corpus: a folder of train/valid/test text files.
+TEXT_DIRECTORY = 'text'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,15 +189,19 @@ def load_corpus(dataset: str, data_dir: str, *, allow_download: bool = True,
   """Loads, verifies and encodes all three splits of ``dataset``.
 
   Args:
-    dataset: ``'ptb'`` or ``'wikitext2'``.
+    dataset: ``'ptb'``, ``'wikitext2'``, or ``'text'``: your own corpus,
+      ``data_dir/{train,valid,test}.txt[.gz]``, read unverified (see
+      :func:`load_corpus_dir`; nothing is downloaded).
     data_dir: the folder holding ``ptb/`` and ``wikitext-2/`` (also the
-      download cache).
+      download cache); for ``'text'``, the corpus folder itself.
     allow_download: fetch missing splits from their standard location.
     base_url: fetch from ``{base_url}/{split}.txt`` instead (a mirror).
 
   Returns:
     The corpus; its vocabulary is built on the training split.
   """
+  if dataset == TEXT_DIRECTORY:
+    return load_corpus_dir(os.path.expanduser(data_dir))
   directory = os.path.join(os.path.expanduser(data_dir), known_corpus(dataset).name)
   texts = {split: load_split_text(dataset, split, directory, allow_download=allow_download,
                                   base_url=base_url) for split in SPLITS}
