@@ -48,11 +48,23 @@ def lstm_recurrence(projected: jax.Array, w_rec: jax.Array, carry: Carry,
   Its gradient is hand-written: the backward loop only propagates ``dh`` and
   ``dc`` through time, and the recurrent kernel's gradient is one
   ``[H, T*B] @ [T*B, 4H]`` product afterwards instead of ``T`` rank-``B``
-  updates accumulated inside the loop. Both loops are unrolled (``T`` is a
-  few dozen), which removes XLA:CPU's per-iteration overhead.
+  updates accumulated inside the loop. Both loops are unrolled when ``T`` is
+  a window's few dozen steps, which removes XLA:CPU's per-iteration overhead
+  (see :func:`unroll_steps`).
   """
   outputs, carry, _ = _lstm_forward(projected, w_rec, carry, valid, compute_dtype)
   return outputs, carry
+
+
+# Whole windows up to this length unroll; compile time grows with the unrolled
+# length, so longer sequences (documents) unroll a few steps per iteration.
+FULL_UNROLL_MAX_STEPS = 96
+PARTIAL_UNROLL_STEPS = 8
+
+
+def unroll_steps(length: int) -> int:
+  """The ``unroll`` of a recurrence's ``lax.scan`` over ``length`` steps."""
+  return length if length <= FULL_UNROLL_MAX_STEPS else PARTIAL_UNROLL_STEPS
 
 
 def _lstm_forward(projected, w_rec, carry, valid, compute_dtype):
@@ -68,7 +80,7 @@ def _lstm_forward(projected, w_rec, carry, valid, compute_dtype):
     return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
 
   carry, (hs, cs, gates) = jax.lax.scan(step, carry, (projected, valid),
-                                        unroll=projected.shape[0])
+                                        unroll=unroll_steps(projected.shape[0]))
   return hs, carry, (cs, gates)
 
 
@@ -105,7 +117,7 @@ def _lstm_recurrence_bwd(compute_dtype, residuals, cotangents):
 
   (d_h0, d_c0), d_projected = jax.lax.scan(
       step, (d_h_last, d_c_last), (d_hs, previous_c, cs, gates, valid), reverse=True,
-      unroll=d_hs.shape[0])
+      unroll=unroll_steps(d_hs.shape[0]))
   rows = d_hs.shape[0] * d_hs.shape[1]
   d_w_rec = jnp.dot(previous_h.reshape(rows, -1).T.astype(compute_dtype),
                     d_projected.reshape(rows, -1).astype(compute_dtype),
