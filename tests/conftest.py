@@ -58,6 +58,29 @@ def text_corpus_dir(tmp_path_factory):
   return write_text_corpus(tmp_path_factory.mktemp('text_corpus'))
 
 
+class Interrupted(Exception):
+  """Stops a run the way a crash would (see :func:`run_until`)."""
+
+
+def run_until(monkeypatch, run, stop_after):
+  """Calls ``run()``, crashing it right after it writes a metrics record for
+  which ``stop_after(record)`` is true (the record is written first)."""
+  from selfish_jax.training import metrics
+  real_write = metrics.MetricWriter.write
+
+  def dying_write(self, record):
+    real_write(self, record)
+    if stop_after(record):
+      raise Interrupted()
+
+  monkeypatch.setattr(metrics.MetricWriter, 'write', dying_write)
+  try:
+    with pytest.raises(Interrupted):
+      run()
+  finally:
+    monkeypatch.setattr(metrics.MetricWriter, 'write', real_write)
+
+
 def make_tiny_config(data_dir, dataset='ptb'):
   """A small LSTM on real PTB (or ``dataset='text'``: a generated corpus in
   ``data_dir``): a few windows per epoch, fast on CPU."""

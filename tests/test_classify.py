@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_until
 from selfish_jax.data import documents
 from selfish_jax.errors import ConfigError, DataError
 from selfish_jax.models.classifier import LSTMClassifier
@@ -156,25 +157,12 @@ def test_sparse_classifier_learns_and_keeps_its_parameter_count(tmp_path):
                                              "['lstm_0']['recurrent_kernel']"}
 
 
-class Interrupted(Exception):
-  pass
-
-
 def test_classifier_switches_to_averaging_and_resumes_to_identical_results(tmp_path, monkeypatch):
   write_ag_news(tmp_path, per_class=(16, 4))
   config = _config(tmp_path, optimizer='snt_asgd', lr=2.0, asgd_start_epoch=2, num_epochs=3)
   straight = classify.train_classifier(config, str(tmp_path / 'straight'))
-  real_write = metrics_lib.MetricWriter.write
-
-  def dying_write(self, record):
-    real_write(self, record)
-    if record.get('epoch') == 2:
-      raise Interrupted()
-
-  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', dying_write)
-  with pytest.raises(Interrupted):
-    classify.train_classifier(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', real_write)
+  run_until(monkeypatch, lambda: classify.train_classifier(config, str(tmp_path / 'resumed')),
+            lambda record: record.get('epoch') == 2)
   assert classify.train_classifier(config, str(tmp_path / 'resumed')) == straight
   assert _records(tmp_path / 'resumed') == _records(tmp_path / 'straight')
   assert [r['optimizer'] for r in _records(tmp_path / 'straight')] == ['sgd', 'asgd', 'asgd']

@@ -107,24 +107,12 @@ def test_dense_training_has_no_masks(tiny_config, tmp_path):
     assert np.count_nonzero(state['params'][name]) == state['params'][name].size
 
 
-class Interrupted(Exception):
-  pass
-
-
 def test_interrupted_run_resumes_to_identical_results(reference, tmp_path, monkeypatch):
+  from conftest import run_until
   config, reference_dir, reference_final = reference
   # Die at step 26 (epoch 3, after the switch, 2 steps past a mid-epoch checkpoint)...
-  real_write = metrics_lib.MetricWriter.write
-
-  def dying_write(self, record):
-    real_write(self, record)
-    if record.get('step') == 26 and 'loss' in record:
-      raise Interrupted()
-
-  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', dying_write)
-  with pytest.raises(Interrupted):
-    train.train_and_evaluate(config, str(tmp_path))
-  monkeypatch.setattr(metrics_lib.MetricWriter, 'write', real_write)
+  run_until(monkeypatch, lambda: train.train_and_evaluate(config, str(tmp_path)),
+            lambda record: record.get('step') == 26 and 'loss' in record)
   # ...and start again with the same workdir.
   assert train.train_and_evaluate(config, str(tmp_path)) == reference_final
   timing = ('epoch_time_s', 'train_tokens_per_s')
