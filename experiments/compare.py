@@ -78,8 +78,11 @@ def finished(workdir: str) -> dict | None:
 
 
 def _never_averaged(config, records: list[dict]) -> bool:
-  """Whether SNT-ASGD's trigger fired in none of the run's epochs (replayed)."""
+  """Whether averaging would have started in none of the run's epochs: neither
+  at the fixed ``asgd_start_epoch`` nor by SNT-ASGD's trigger (replayed)."""
   losses = [r['val_loss'] for r in records if 'val_loss' in r]
+  if config.asgd_start_epoch and config.asgd_start_epoch <= len(losses):
+    return False
   return not any(r.get('optimizer') == 'asgd' for r in records) and not any(
       optim.nonmonotone_trigger(losses[:i], losses[i], config.nonmono)
       for i in range(len(losses)))

@@ -55,6 +55,19 @@ def test_cells_with_equal_resolved_configs_share_regardless_of_the_trigger(tmp_p
   assert compare.identical_twin(base, str(tmp_path), 'dense', 'snt_asgd', 1, lrs) is None
 
 
+def test_a_fixed_switch_within_the_run_means_averaging_whatever_the_trigger(tmp_path):
+  base = ptb_lstm_small.get_config()
+  base.asgd_start_epoch = 8
+  improving = [6.0 - 0.1 * i for i in range(15)]  # the trigger never fires
+  _fake_run(tmp_path, 'selfish-sgd-seed1', improving, 80.0)
+  # asgd averages from epoch 8 on: it is not the sgd run, though their configs
+  # differ only by the optimizer and the trigger stays silent.
+  assert compare.identical_twin(base, str(tmp_path), 'selfish', 'asgd', 1, {}) is None
+  assert compare.identical_twin(base, str(tmp_path), 'selfish', 'snt_asgd', 1, {}) is None
+  _fake_run(tmp_path, 'set-sgd-seed1', improving[:7], 90.0)  # ended before the switch
+  assert compare.identical_twin(base, str(tmp_path), 'set', 'asgd', 1, {}) == 'set-sgd-seed1'
+
+
 def test_continuations_fork_from_the_snt_asgd_run_at_its_switch(tmp_path, monkeypatch):
   base = ptb_lstm_small.get_config()
   base.asgd_start_epoch = 8
