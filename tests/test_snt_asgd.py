@@ -144,6 +144,16 @@ def test_nonmonotone_trigger(losses, loss, nonmono, expected):
   assert optim.nonmonotone_trigger(losses, loss, nonmono) is expected
 
 
+def test_averaging_starts_at_the_fixed_epoch_or_on_the_trigger():
+  improving = [5.0, 4.0, 3.0, 2.0, 1.0, 0.9, 0.8]
+  # start_epoch 8: the switch after epoch 7, so epoch 8 is the first averaged one.
+  assert [optim.averaging_starts(e, improving[:e - 1], improving[e - 1], 5, 8)
+          for e in range(1, 8)] == [False] * 6 + [True]
+  assert optim.averaging_starts(1, [], 9.0, 5, 1)  # averaging from the start
+  assert not optim.averaging_starts(7, improving[:6], 0.8, 5)  # no fixed epoch, improving
+  assert optim.averaging_starts(7, improving[:6], 5.5, 5)  # the trigger alone
+
+
 @pytest.mark.parametrize('name,param_sized_buffers', [
     ('snt_asgd', 2),  # per-weight counters and averages
     ('asgd', 1),  # averages (one counter)

@@ -261,3 +261,12 @@ def nonmonotone_trigger(previous_losses: Sequence[float], loss: float, nonmono: 
   """
   losses = list(previous_losses)
   return len(losses) > nonmono and loss > min(losses[:len(losses) - nonmono])
+
+
+def averaging_starts(epoch: int, previous_losses: Sequence[float], loss: float, nonmono: int,
+                     start_epoch: int = 0) -> bool:
+  """Whether averaging switches on after ``epoch`` (1-based): at the fixed
+  ``start_epoch`` (> 0: averaging from that epoch on) or by the
+  :func:`nonmonotone_trigger` on the validation ``loss``."""
+  fixed = bool(start_epoch) and epoch + 1 >= start_epoch
+  return fixed or nonmonotone_trigger(previous_losses, loss, nonmono)

@@ -203,8 +203,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              f'before is kept in {workdir}')
     switched = False
     if not averaging and optim.can_average(state.opt_state):
-      fixed = config.asgd_start_epoch and epoch + 1 >= config.asgd_start_epoch
-      if fixed or optim.nonmonotone_trigger(host['val_losses'], held_out_loss, config.nonmono):
+      if optim.averaging_starts(epoch, host['val_losses'], held_out_loss, config.nonmono,
+                                config.asgd_start_epoch):
         state = state.replace(opt_state=optim.start_averaging(state.opt_state))
         switched = True
     if not averaging:

@@ -373,8 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoints.save_best(epoch, weights)
     switched = False
     if not averaging and optim.can_average(state.opt_state):
-      fixed_start = config.asgd_start_epoch and epoch + 1 >= config.asgd_start_epoch
-      if fixed_start or optim.nonmonotone_trigger(host.val_losses, val_loss, config.nonmono):
+      if optim.averaging_starts(epoch, host.val_losses, val_loss, config.nonmono,
+                                config.asgd_start_epoch):
         state = state.replace(opt_state=optim.start_averaging(state.opt_state))
         switched = True
         logging.info('Switching to averaging (%s) after epoch %d.', config.optimizer, epoch)
