@@ -5,6 +5,7 @@ optimizer, and resuming."""
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 
 from conftest import run_until
 from selfish_jax import config as config_lib
-from selfish_jax import flops, models, optim, sparsity
+from selfish_jax import flops, models, sparsity
+from selfish_jax.models import layers
 from selfish_jax.errors import ConfigError
 from selfish_jax.training import metrics as metrics_lib
 from selfish_jax.training import steps, train
@@ -65,8 +67,8 @@ def _rhn_reference(p, tokens, targets, depth):
     x = embedding[tokens[:, t]]
     for l in range(depth):
       pre = s @ cell[f'recurrent_kernel_{l}'] + cell[f'bias_{l}']
-      if l == 0:
-        pre = pre + x @ cell['input_kernel']
+      if l == 0:  # W's own bias beside R_0's (nn.Linear, the official HighwayBlock)
+        pre = pre + x @ cell['input_kernel'] + cell['input_bias']
       half = pre.shape[1] // 2
       h, transform = jnp.tanh(pre[:, :half]), sigmoid(pre[:, half:])
       s = h * transform + s * (1 - transform)  # coupled carry gate c = 1 - t
@@ -74,8 +76,9 @@ def _rhn_reference(p, tokens, targets, depth):
   return jnp.stack(nlls, axis=1), None
 
 
-def _onlstm_reference(p, tokens, targets, chunk):
-  """The official ON-LSTM cell: view(-1, 4n, chunk).chunk(4) and broadcasting."""
+def _onlstm_reference(p, tokens, targets, chunk, weight_drop):
+  """The official ON-LSTM cell: view(-1, 4n, chunk).chunk(4) and broadcasting;
+  at evaluation LinearDropConnect uses the recurrent weights times (1 - p)."""
   x_seq = [p['embedding'][tokens[:, t]] for t in range(tokens.shape[1])]
   for layer in range(3):
     cell = p[f'onlstm_{layer}']
@@ -84,8 +87,8 @@ def _onlstm_reference(p, tokens, targets, chunk):
     h, c = jnp.zeros((tokens.shape[0], hidden)), jnp.zeros((tokens.shape[0], n, chunk))
     outputs = []
     for x in x_seq:
-      g = (x @ cell['input_kernel'] + cell['input_bias'] + h @ cell['recurrent_kernel']
-           + cell['recurrent_bias'])
+      g = (x @ cell['input_kernel'] + cell['input_bias']
+           + h @ (cell['recurrent_kernel'] * (1 - weight_drop)) + cell['recurrent_bias'])
       cin = 1 - jnp.cumsum(jax.nn.softmax(g[:, :n]), axis=1)
       cf = jnp.cumsum(jax.nn.softmax(g[:, n:2 * n]), axis=1)
       o, cell_in, i, f = jnp.split(g[:, 2 * n:].reshape(-1, 4 * n, chunk), 4, axis=1)
@@ -130,7 +133,8 @@ def _mos_reference(p, tokens, targets, experts):
 FUSED_KERNELS = {'lstm': 4, 'rhn': 4, 'onlstm': 6, 'awd_lstm_mos': 6}  # at the TINY sizes
 REFERENCES = {
     'rhn': lambda p, x, y: _rhn_reference(p, x, y, depth=3),
-    'onlstm': lambda p, x, y: _onlstm_reference(p, x, y, chunk=4),
+    'onlstm': lambda p, x, y: _onlstm_reference(p, x, y, chunk=4,
+                                                weight_drop=TINY['onlstm']['weight_drop']),
     'awd_lstm_mos': lambda p, x, y: _mos_reference(p, x, y, experts=3),
 }
 
@@ -160,25 +164,113 @@ def test_forward_and_gradient_match_an_independent_reference(model):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale, err_msg=str(path))
 
 
-@pytest.mark.parametrize('model', ('onlstm', 'awd_lstm_mos'))
-def test_activation_penalties_are_ar_and_tar_of_the_last_layer(model):
-  # All dropouts off: the dropped output is the raw output.
-  zero = {k: 0.0 for k in ('dropout', 'dropout_input', 'dropout_hidden', 'dropout_embedding',
+@pytest.mark.parametrize('model,ar_of', [('onlstm', 'raw'), ('awd_lstm_mos', 'dropped')])
+def test_activation_penalties_are_ar_and_tar_of_the_last_layer(model, ar_of, monkeypatch):
+  """AR penalises the last layer's output as each official script does: ON-LSTM's
+  before its output dropout (main_ONLSTM.py reads the stack's undropped last
+  output), AWD-LSTM-MoS's after it; TAR the undropped output in both."""
+  # Every dropout off but the output's (weight_drop off: the reference runs
+  # the evaluation-time recurrent weights).
+  zero = {k: 0.0 for k in ('dropout_input', 'dropout_hidden', 'dropout_embedding',
                            'dropout_latent', 'weight_drop') if k in TINY[model]}
-  net, params = _model_and_params(model, ar_alpha=2.0, tar_beta=1.0, **zero)
+  net, params = _model_and_params(model, ar_alpha=2.0, tar_beta=1.0, dropout=0.5, **zero)
   tokens = jax.random.randint(jax.random.key(1), (4, 6), 0, VOCAB)
   weights = jnp.ones((4, 6)).at[1, 4:].set(0.0)  # row 1 padded after 4 steps
+  real_sow = layers.sow_activation_penalties
+
+  def probing_sow(module, activation, raw, valid, alpha, beta):  # also sows what AR reads
+    module.sow('probe', 'ar_input', activation)
+    real_sow(module, activation, raw, valid, alpha, beta)
+
+  monkeypatch.setattr(layers, 'sow_activation_penalties', probing_sow)
+  _, collections = net.apply({'params': params}, tokens, net.initial_carry(4), train=True,
+                             targets=tokens, weights=weights, rngs={'dropout': jax.random.key(0)},
+                             mutable=[layers.PENALTIES, 'probe'])
+  penalty = float(layers.total_penalty(collections))
+  ar_input = np.asarray(collections['probe']['ar_input'][0])
+  if model == 'onlstm':  # [T, B, H] undropped last-layer outputs
+    _, hs = _onlstm_reference(params, tokens, tokens, chunk=4, weight_drop=0.0)
+  else:
+    _, hs = REFERENCES[model](params, tokens, tokens)
+  hs = np.asarray(hs)
+  valid = np.broadcast_to(np.asarray(weights.T, bool)[..., None], hs.shape)
+  ratio = np.divide(ar_input, hs, out=np.zeros_like(hs), where=np.abs(hs) > 1e-6)[valid]
+  if ar_of == 'raw':  # (the reference does not hold its state through padding)
+    np.testing.assert_allclose(ar_input[valid], hs[valid], rtol=1e-4, atol=1e-6)
+  else:  # locked dropout at 0.5: every unit is dropped (x0) or kept (x2)
+    kept = np.isclose(ratio, 2.0, rtol=1e-3)
+    assert np.all(kept | np.isclose(ratio, 0.0, atol=1e-6)) and 0.2 < kept.mean() < 0.8
+  ar = np.mean(np.square(ar_input)[valid])
+  pairs = valid[1:] & valid[:-1]  # TAR over consecutive real steps
+  tar = np.mean(np.square(np.diff(hs, axis=0))[pairs])
+  assert penalty == pytest.approx(2.0 * ar + 1.0 * tar, rel=1e-4)
   window = steps.Windows(tokens, tokens, weights)
-  _, penalty, _ = steps.window_loss(net, params, net.initial_carry(4), window, train=True,
-                                    key=jax.random.key(0))
-  _, hs = REFERENCES[model](params, tokens, tokens)  # [T, B, H] last-layer outputs
-  valid = np.asarray(weights.T, bool)
-  ar = np.mean(np.square(np.asarray(hs))[valid])
-  pairs = valid[1:] & valid[:-1]
-  tar = np.mean(np.square(np.diff(np.asarray(hs), axis=0))[pairs])
-  assert float(penalty) == pytest.approx(2.0 * ar + 1.0 * tar, rel=1e-4)
   _, no_penalty, _ = steps.window_loss(net, params, net.initial_carry(4), window, train=False)
   assert float(no_penalty) == 0.0
+
+
+@pytest.mark.parametrize('inverted,train_scale,eval_scale', [(True, 2.0, 1.0), (False, 1.0, 0.5)])
+def test_drop_connect_scales_in_training_or_at_evaluation(inverted, train_scale, eval_scale):
+  """AWD-LSTM's WeightDrop (inverted) against ON-LSTM's LinearDropConnect, at p = 0.5."""
+
+  class Holder(nn.Module):
+    @nn.compact
+    def __call__(self, kernel, train):
+      return layers.drop_connect(self, kernel, 0.5, train, inverted=inverted)
+
+  kernel = jax.random.normal(jax.random.key(0), (40, 50)) + 3.0  # no zeros
+  dropped = np.asarray(Holder().apply({}, kernel, True, rngs={'dropout': jax.random.key(1)}))
+  kept = dropped != 0
+  assert 0.4 < kept.mean() < 0.6
+  np.testing.assert_allclose(dropped[kept], train_scale * np.asarray(kernel)[kept], rtol=1e-6)
+  np.testing.assert_allclose(Holder().apply({}, kernel, False), eval_scale * kernel, rtol=1e-6)
+
+
+def test_each_family_uses_its_official_drop_connect(monkeypatch):
+  seen = {}
+  real = layers.drop_connect
+
+  def recording(module, kernel, rate, train, *, inverted=True):
+    seen.setdefault(type(module).__name__, set()).add(inverted)
+    return real(module, kernel, rate, train, inverted=inverted)
+
+  monkeypatch.setattr(layers, 'drop_connect', recording)
+  for model in ('onlstm', 'awd_lstm_mos'):
+    net, params = _model_and_params(model)
+    net.apply({'params': params}, jnp.zeros((2, 3), jnp.int32), net.initial_carry(2), train=True,
+              rngs={'dropout': jax.random.key(0)}, mutable=[layers.PENALTIES])
+  assert seen == {'ONLSTMLayer': {False}, 'LSTMLayer': {True}}
+
+
+def test_rhn_initialisations():
+  """The official Selfish-RNN RHN (nn.Linear defaults, two depth-0 biases,
+  embedding U(+-0.1)) and Zilly's (U(+-0.04), transform bias -2)."""
+  def check_uniform(x, bound):
+    x = np.asarray(x).ravel()
+    assert np.abs(x).max() <= bound and np.abs(x).max() > 0.95 * bound
+    assert np.std(x) == pytest.approx(bound / np.sqrt(3), rel=0.1)
+
+  size = 64
+  dims = dict(emsize=size, nhid=size, rhn_depth=2, nlayers=1, tied=True)
+  _, params = _model_and_params('rhn', **dims)
+  cell = params['rhn']
+  assert sorted(cell) == ['bias_0', 'bias_1', 'input_bias', 'input_kernel',
+                          'recurrent_kernel_0', 'recurrent_kernel_1']
+  for name in ('input_kernel', 'input_bias', 'recurrent_kernel_0', 'recurrent_kernel_1',
+               'bias_0', 'bias_1'):
+    check_uniform(cell[name], 1 / np.sqrt(size))
+  check_uniform(params['embedding'], 0.1)
+  assert not np.any(params['decoder_bias'])
+  _, params = _model_and_params('rhn', rhn_init='zilly', **dims)
+  cell = params['rhn']
+  assert 'input_bias' not in cell
+  for name in ('input_kernel', 'recurrent_kernel_0', 'recurrent_kernel_1'):
+    check_uniform(cell[name], 0.04)
+  check_uniform(params['embedding'], 0.04)
+  for name in ('bias_0', 'bias_1'):
+    np.testing.assert_array_equal(cell[name], [0.0] * size + [-2.0] * size)
+  with pytest.raises(ConfigError, match="rhn_transform_bias is read only with rhn_init='zilly'"):
+    _config('rhn', rhn_transform_bias=-1.0)
 
 
 @pytest.mark.parametrize('model', models.MODELS)
@@ -338,11 +430,8 @@ def test_every_family_trains_with_every_method_and_optimizer(model, method, opti
       0.4 * sum(m.size for m in jax.tree.leaves(state.masks)), abs=len(before)) or method == 'gmp'
   if method_.update is None:  # static
     return
-  scores = None
-  if method_.scores == 'gradient':
-    scores = grad_fn(state.params, net.initial_carry(4), window, jax.random.key(4))[2]
-  elif method_.scores == 'momentum':
-    scores = optim.momentum_of(state.opt_state)
+  scores = train.growth_scores(method_, state)  # the last step's gradient, or momentum
+  assert (scores is None) == (method_.scores is None)
   params, masks, _ = jax.jit(method_.update)(state.params, state.masks, state.method_state,
                                              jax.random.key(5), jnp.int32(4), scores)
   after = sparsity.active_counts(masks)

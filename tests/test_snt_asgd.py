@@ -191,3 +191,64 @@ def test_lr_factor_scales_one_step_of_every_optimizer(name):
   np.testing.assert_allclose(default['w'], full['w'])
   np.testing.assert_allclose(scaled['w'][:2], 0.75 * full['w'][:2], rtol=1e-6)
   assert float(scaled['w'][2]) == -3.0  # the inactive weight is still zeroed
+
+
+@pytest.mark.parametrize('name', ['snt_asgd', 'asgd'])
+def test_restart_averages_only_the_iterates_after_it(name):
+  # One weight, constant gradient 1, no clipping/decay: iterates p_t = 1 - t * lr.
+  tx = optim.make_optimizer(name, 0.1, weight_decay=0.0, clip_norm=None)
+  p = {'w': jnp.ones((1,))}
+  masks = {'w': jnp.ones((1,), bool)}
+  state = optim.start_averaging(tx.init(p))
+  iterates = []
+  for t in range(8):
+    if t == 4:
+      state = optim.restart_averaging(state)
+      assert bool(optim.is_averaging(state))  # still on
+    updates, state = tx.update({'w': jnp.ones((1,))}, state, p, masks=masks)
+    p = optax.apply_updates(p, updates)
+    iterates.append(float(p['w'][0]))
+  # After the restart: k = 1, 2 take the weights, then the running mean of p_5..p_7 (0-based).
+  averaged = float(optim.averaged_params(state, p)['w'][0])
+  assert averaged == pytest.approx(np.mean(iterates[5:]), rel=1e-6)
+  with pytest.raises(ValueError, match='no averaging to restart'):
+    optim.restart_averaging(optim.make_optimizer('sgd', 0.1).init(p))
+
+
+def test_momentum_of_inactive_weights_is_zeroed_after_every_step():
+  """The reference's apply_mask: buf <- mask * (mu * buf + g); p <- mask * (p - lr * buf).
+  A weight regrown after being inactive starts with zero momentum."""
+  lr, mu = 0.5, 0.9
+  rng = np.random.default_rng(0)
+  m0 = np.array([True, True, False, False])
+  m1 = np.array([True, False, True, False])  # weight 1 removed, weight 2 regrown
+  masks_seq = [m0] * 3 + [m1] * 3
+  grads_seq = [rng.normal(size=4).astype(np.float32) for _ in masks_seq]
+  tx = optim.make_optimizer('momentum', lr, weight_decay=0.0, clip_norm=None, momentum=mu)
+  p = {'w': jnp.asarray(np.where(m0, 1.0, 0.0), jnp.float32)}
+  state = tx.init(p)
+  want_p, buf = np.asarray(p['w']), np.zeros(4, np.float32)
+  for g, m in zip(grads_seq, masks_seq):
+    updates, state = tx.update({'w': jnp.asarray(g)}, state, p, masks={'w': jnp.asarray(m)})
+    p = optax.apply_updates(p, updates)
+    buf = np.where(m, mu * buf + g, 0.0).astype(np.float32)
+    want_p = np.where(m, want_p - lr * buf, 0.0).astype(np.float32)
+    np.testing.assert_allclose(optim.momentum_of(state)['w'], buf, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(p['w'], want_p, rtol=1e-6, atol=1e-7)
+  # The regrown weight's first step used its gradient alone: no stale momentum.
+  assert float(optim.momentum_of(state)['w'][3]) == 0.0
+
+
+def test_adam_moments_of_inactive_weights_are_zeroed():
+  tx = optim.make_optimizer('adam', 0.1)
+  p = {'w': jnp.ones((3,)), 'b': jnp.ones((3,))}
+  masks = {'w': jnp.array([True, False, True]), 'b': None}
+  state = tx.init(p)
+  for _ in range(2):
+    updates, state = tx.update({'w': jnp.ones(3), 'b': jnp.ones(3)}, state, p, masks=masks)
+    p = optax.apply_updates(p, updates)
+  adam = optax.tree_utils.tree_get(state, 'ScaleByAdamState')
+  for moment in (adam.mu, adam.nu):
+    np.testing.assert_array_equal(np.asarray(moment['w']) == 0, [False, True, False])
+    assert np.all(np.asarray(moment['b']) > 0)  # dense leaves keep theirs
+  assert int(adam.count) == 2

@@ -21,7 +21,7 @@ from selfish_jax.models.layers import GateBlocks
 from selfish_jax.models.lstm import StackedLSTMLM
 from selfish_jax.models.mos import AWDLSTMMoSLM
 from selfish_jax.models.onlstm import ONLSTMLM
-from selfish_jax.models.rhn import RHNLM
+from selfish_jax.models.rhn import RHN_INITS, RHNLM, ZILLY_INIT_SCALE, ZILLY_TRANSFORM_BIAS
 
 PyTree = Any
 
@@ -87,6 +87,13 @@ def _check_rhn(config):
   if config.nlayers != 1:
     raise ConfigError(f'model rhn has one recurrent layer (its depth is rhn_depth); '
                       f'nlayers must be 1, got {config.nlayers}')
+  if config.rhn_init not in RHN_INITS:
+    raise ConfigError(f'unknown rhn_init {config.rhn_init!r}; expected one of {RHN_INITS}')
+  if config.rhn_init != 'zilly':
+    for key, default in (('rhn_transform_bias', ZILLY_TRANSFORM_BIAS),
+                         ('rhn_init_scale', ZILLY_INIT_SCALE)):
+      if config[key] != default:
+        raise ConfigError(f"{key} is read only with rhn_init='zilly', not {config.rhn_init!r}")
 
 
 def _check_onlstm(config):
@@ -97,7 +104,7 @@ def _check_onlstm(config):
 
 
 def _build_rhn(config, vocab_size, common):
-  return RHNLM(vocab_size=vocab_size, depth=config.rhn_depth,
+  return RHNLM(vocab_size=vocab_size, depth=config.rhn_depth, init_scheme=config.rhn_init,
                transform_bias=config.rhn_transform_bias, init_scale=config.rhn_init_scale,
                **_pick(config, ('dropout_input', 'dropout_hidden', 'dropout_embedding')), **common)
 
@@ -105,7 +112,8 @@ def _build_rhn(config, vocab_size, common):
 FAMILIES: dict[str, Family] = {
     'lstm': Family(frozenset({'nlayers'}), lambda config, vocab_size, common: StackedLSTMLM(
         vocab_size=vocab_size, nlayers=config.nlayers, **common), _check_tied_square),
-    'rhn': Family(frozenset({'nlayers', 'rhn_depth', 'rhn_transform_bias', 'rhn_init_scale',
+    'rhn': Family(frozenset({'nlayers', 'rhn_depth', 'rhn_init', 'rhn_transform_bias',
+                             'rhn_init_scale',
                              'dropout_input', 'dropout_hidden', 'dropout_embedding'}), _build_rhn,
                   _check_rhn),
     'onlstm': Family(frozenset({'nlayers', 'chunk_size', *_AWD_REGULARISERS}),

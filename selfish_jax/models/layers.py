@@ -61,17 +61,26 @@ def embedding_dropout(module: nn.Module, embedding: jax.Array, rate: float,
   return embedding * _keep_mask(module, rate, (embedding.shape[0], 1)).astype(embedding.dtype)
 
 
-def drop_connect(module: nn.Module, kernel: jax.Array, rate: float, train: bool) -> jax.Array:
-  """DropConnect on a weight matrix, one mask per batch (AWD-LSTM's WeightDrop).
+def drop_connect(module: nn.Module, kernel: jax.Array, rate: float, train: bool, *,
+                 inverted: bool = True) -> jax.Array:
+  """DropConnect on a weight matrix, one mask per batch.
 
-  Inverted scaling (kept weights times ``1 / (1 - rate)`` in training, the
-  weights as they are at evaluation), like WeightDrop; ON-LSTM's variant
-  scales at evaluation instead, which is the same model up to a constant
-  factor on the weights.
+  ``inverted=True`` is AWD-LSTM's ``WeightDrop`` (kept weights times
+  ``1 / (1 - rate)`` in training, the weights as they are at evaluation);
+  ``inverted=False`` is ON-LSTM's ``LinearDropConnect`` (kept weights as they
+  are in training, all of them times ``1 - rate`` at evaluation). The two give
+  the same function up to a constant factor on the weights, but not the same
+  training: the inverted weights start ``1 / (1 - rate)`` larger, take larger
+  steps and weigh more in the global clip norm.
   """
-  if not train or rate == 0.0:
+  if rate == 0.0:
     return kernel
-  return kernel * _keep_mask(module, rate, kernel.shape).astype(kernel.dtype)
+  if not train:
+    return kernel if inverted else kernel * (1.0 - rate)
+  if inverted:
+    return kernel * _keep_mask(module, rate, kernel.shape).astype(kernel.dtype)
+  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, kernel.shape)
+  return jnp.where(keep, kernel, jnp.zeros_like(kernel))
 
 
 def embedded_words(module: nn.Module, embedding: jax.Array, tokens: jax.Array,
@@ -102,10 +111,17 @@ def tied_embedding_uses(names: tuple[str, ...], tied: bool) -> int:
 
 def awd_stack(module: nn.Module, cells: Sequence[nn.Module], x: jax.Array, carry: Sequence,
               valid: jax.Array | None, train: bool, *, dropout_hidden: float, dropout: float,
-              ar_alpha: float, tar_beta: float) -> tuple[jax.Array, tuple]:
+              ar_alpha: float, tar_beta: float, ar_of_dropped: bool = True
+              ) -> tuple[jax.Array, tuple]:
   """AWD-LSTM's layer stack: each ``cell(x, carry, valid, train)`` in turn, locked
   dropout between layers (``dropout_hidden``) and after the last (``dropout``),
-  AR/TAR of the last layer sown in training. Returns ``(output, carries)``."""
+  AR/TAR of the last layer sown in training. Returns ``(output, carries)``.
+
+  AR penalises the last layer's output after its dropout when
+  ``ar_of_dropped`` (AWD-LSTM's and MoS's ``dropped_rnn_hs[-1]``), before it
+  otherwise (ON-LSTM, whose stack hands back the undropped last output);
+  TAR always penalises the undropped output.
+  """
   new_carry = []
   for layer, cell in enumerate(cells):
     raw, layer_carry = cell(x, carry[layer], valid, train)
@@ -113,7 +129,7 @@ def awd_stack(module: nn.Module, cells: Sequence[nn.Module], x: jax.Array, carry
     last = layer == len(cells) - 1
     x = locked_dropout(module, raw, dropout if last else dropout_hidden, train)
   if train:
-    sow_activation_penalties(module, x, raw, valid, ar_alpha, tar_beta)
+    sow_activation_penalties(module, x if ar_of_dropped else raw, raw, valid, ar_alpha, tar_beta)
   return x, tuple(new_carry)
 
 
@@ -132,20 +148,20 @@ def hold_on_padding(valid_t: jax.Array | None, new: jax.Array, old: jax.Array) -
   return new if valid_t is None else jnp.where(valid_t, new, old)
 
 
-def sow_activation_penalties(module: nn.Module, dropped: jax.Array, raw: jax.Array,
+def sow_activation_penalties(module: nn.Module, activation: jax.Array, raw: jax.Array,
                              valid: jax.Array | None, alpha: float, beta: float) -> None:
   """Sows AWD-LSTM's activation regularisers of the last layer's output ``[T, B, H]``.
 
-  AR: ``alpha * mean(dropped ** 2)``; TAR: ``beta * mean((raw[t+1] - raw[t]) ** 2)``,
+  AR: ``alpha * mean(activation ** 2)``; TAR: ``beta * mean((raw[t+1] - raw[t]) ** 2)``,
   both over real steps only. The training loss adds everything sown in the
   :data:`PENALTIES` collection.
   """
   if valid is None:
-    valid = jnp.ones(dropped.shape[:2] + (1,), bool)
+    valid = jnp.ones(activation.shape[:2] + (1,), bool)
   valid = valid.astype(jnp.float32)
-  width = dropped.shape[-1]
+  width = activation.shape[-1]
   if alpha:
-    ar = jnp.sum(valid * jnp.square(dropped)) / (jnp.sum(valid) * width)
+    ar = jnp.sum(valid * jnp.square(activation)) / (jnp.sum(valid) * width)
     module.sow(PENALTIES, 'activation', alpha * ar)
   if beta and raw.shape[0] > 1:
     pairs = valid[1:] * valid[:-1]

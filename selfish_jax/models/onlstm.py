@@ -12,7 +12,10 @@ decide which levels are erased and written::
 All six gates of a matrix live in ONE fused kernel, in the official code's
 column order ``[master_i (n), master_f (n), o (H), g (H), i (H), f (H)]``, so
 the four gates and the two master gates share one mask and one budget.
-DropConnect (``weight_drop``) masks the recurrent kernel once per window.
+DropConnect (``weight_drop``) masks the recurrent kernel once per window,
+unscaled in training and scaled by ``1 - weight_drop`` at evaluation, and AR
+penalises the last layer's output before its dropout: both as the official
+ON-LSTM code (``ON_LSTM.py``, ``main_ONLSTM.py``) does, unlike AWD-LSTM.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ class ONLSTMLayer(nn.Module):
     b_in = self.param('input_bias', linear_init(fan_in), (columns,))
     w_rec = self.param(RECURRENT_KERNEL, linear_init(hidden), (hidden, columns))
     b_rec = self.param('recurrent_bias', linear_init(hidden), (columns,))
-    w_rec = layers.drop_connect(self, w_rec, self.weight_drop, train).astype(dtype)
+    # The official LinearDropConnect: unscaled in training, x (1 - p) at evaluation.
+    w_rec = layers.drop_connect(self, w_rec, self.weight_drop, train, inverted=False).astype(dtype)
     steps, batch = inputs.shape[:2]
     projected = jnp.dot(inputs.reshape(steps * batch, -1).astype(dtype), w_in.astype(dtype),
                         preferred_element_type=jnp.float32) + (b_in + b_rec)
@@ -151,7 +155,8 @@ class ONLSTMLM(nn.Module):
                          name=f'onlstm_{layer}') for layer, hidden in enumerate(self.hidden_sizes)]
     x, new_carry = layers.awd_stack(self, cells, x, carry, valid, train,
                                     dropout_hidden=self.dropout_hidden, dropout=self.dropout,
-                                    ar_alpha=self.ar_alpha, tar_beta=self.tar_beta)
+                                    ar_alpha=self.ar_alpha, tar_beta=self.tar_beta,
+                                    ar_of_dropped=False)  # as main_ONLSTM.py: the raw output
     kernel, bias = layers.decoder_params(self, embedding, self.tied, self.emsize, uniform_init(0.1))
     dtype = self.compute_dtype
     out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,

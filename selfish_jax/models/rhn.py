@@ -11,8 +11,18 @@ Each micro-step's two gates share one fused kernel ``R_l [H, 2H]`` (and the
 first also ``W [E, 2H]``), so one mask per matrix makes h and t compete for
 one budget. ``m`` is one hidden-state dropout mask per sequence, reused at
 every depth and time step. Zilly's regularisation: word-level embedding
-dropout, locked input and output dropout, weights tied, transform-gate
-biases initialised negative (the highway starts by carrying).
+dropout, locked input and output dropout, weights tied.
+
+Two initialisations (``init_scheme``):
+
+* ``'selfish_rnn'``, the official Selfish-RNN ``models.py`` (``HighwayBlock``):
+  ``W`` and every ``R_l`` are PyTorch ``nn.Linear`` layers, kernel and bias
+  U(+-1/sqrt(fan_in)), so the depth-0 pre-activation has two biases (``W``'s,
+  ``input_bias``, and ``R_0``'s, ``bias_0``); the embedding is U(+-0.1), an
+  untied decoder U(+-0.1) with bias 0. No negative transform-gate bias.
+* ``'zilly'``, Zilly et al.'s TensorFlow recipe: every weight
+  U(+-``init_scale``), one bias per depth, transform-gate biases
+  ``transform_bias`` (negative: the highway starts by carrying).
 """
 
 from __future__ import annotations
@@ -22,10 +32,13 @@ import jax
 import jax.numpy as jnp
 
 from selfish_jax.models import layers
-from selfish_jax.models.layers import GateBlocks, uniform_init
+from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
 from selfish_jax.models.softmax import softmax_output
 
 RHN_GATES = ('h', 't')
+RHN_INITS = ('selfish_rnn', 'zilly')
+ZILLY_TRANSFORM_BIAS = -2.0  # Zilly et al.'s initial transform-gate bias
+ZILLY_INIT_SCALE = 0.04  # and their U(-s, s) weights
 INPUT_KERNEL = 'input_kernel'
 RECURRENT_KERNEL = 'recurrent_kernel'  # + f'_{depth}'
 
@@ -34,8 +47,9 @@ class RHNLayer(nn.Module):
   """The highway recurrence over a time-major window ``[T, B, E]``; carry ``s [B, H]``."""
   hidden_size: int
   depth: int
-  transform_bias: float = -2.0
-  init_scale: float = 0.04
+  init_scheme: str = 'selfish_rnn'  # one of RHN_INITS
+  transform_bias: float = ZILLY_TRANSFORM_BIAS  # 'zilly' only
+  init_scale: float = ZILLY_INIT_SCALE  # 'zilly' only
   dropout_hidden: float = 0.0
   compute_dtype: jnp.dtype = jnp.float32
 
@@ -43,16 +57,23 @@ class RHNLayer(nn.Module):
   def __call__(self, inputs: jax.Array, carry: jax.Array, valid: jax.Array | None,
                train: bool) -> tuple[jax.Array, jax.Array]:
     hidden, dtype = self.hidden_size, self.compute_dtype
-    init = uniform_init(self.init_scale)
-    w_in = self.param(INPUT_KERNEL, init, (inputs.shape[-1], 2 * hidden))
-    kernels = [self.param(f'{RECURRENT_KERNEL}_{l}', init, (hidden, 2 * hidden)).astype(dtype)
-               for l in range(self.depth)]
-    bias_init = lambda key, shape: jnp.concatenate(
-        [jnp.zeros(shape[0] // 2), jnp.full(shape[0] // 2, self.transform_bias)])
+    fan_in = inputs.shape[-1]
+    if self.init_scheme == 'selfish_rnn':
+      input_init, recurrent_init = linear_init(fan_in), linear_init(hidden)
+      bias_init = recurrent_init
+    else:
+      input_init = recurrent_init = uniform_init(self.init_scale)
+      bias_init = lambda key, shape: jnp.concatenate(
+          [jnp.zeros(shape[0] // 2), jnp.full(shape[0] // 2, self.transform_bias)])
+    w_in = self.param(INPUT_KERNEL, input_init, (fan_in, 2 * hidden))
+    kernels = [self.param(f'{RECURRENT_KERNEL}_{l}', recurrent_init,
+                          (hidden, 2 * hidden)).astype(dtype) for l in range(self.depth)]
     biases = [self.param(f'bias_{l}', bias_init, (2 * hidden,)) for l in range(self.depth)]
     steps, batch = inputs.shape[:2]
     projected = jnp.dot(inputs.reshape(steps * batch, -1).astype(dtype), w_in.astype(dtype),
                         preferred_element_type=jnp.float32).reshape(steps, batch, 2 * hidden)
+    if self.init_scheme == 'selfish_rnn':  # nn.Linear W has a bias of its own
+      projected = projected + self.param('input_bias', linear_init(fan_in), (2 * hidden,))
     if train and self.dropout_hidden > 0:
       keep = jax.random.bernoulli(self.make_rng('dropout'), 1 - self.dropout_hidden,
                                   (batch, hidden))
@@ -90,8 +111,9 @@ class RHNLM(nn.Module):
   dropout_input: float = 0.0  # locked, on the embedded input
   dropout_hidden: float = 0.0  # on s, one mask for all depths and steps
   dropout_embedding: float = 0.0  # whole words
-  transform_bias: float = -2.0
-  init_scale: float = 0.04
+  init_scheme: str = 'selfish_rnn'  # one of RHN_INITS
+  transform_bias: float = ZILLY_TRANSFORM_BIAS  # 'zilly' only
+  init_scale: float = ZILLY_INIT_SCALE  # 'zilly' only
   compute_dtype: jnp.dtype = jnp.float32
   loss_chunk_rows: int = 128
 
@@ -113,15 +135,15 @@ class RHNLM(nn.Module):
     if self.tied and self.emsize != self.nhid:
       raise ValueError('tied weights need emsize == nhid')
     valid = layers.time_valid(weights)
-    embedding = self.param('embedding', uniform_init(self.init_scale),
-                           (self.vocab_size, self.emsize))
+    scale = 0.1 if self.init_scheme == 'selfish_rnn' else self.init_scale
+    embedding = self.param('embedding', uniform_init(scale), (self.vocab_size, self.emsize))
     x = layers.embedded_words(self, embedding, tokens, self.dropout_embedding, self.dropout_input,
                               train)
-    x, s = RHNLayer(self.nhid, self.depth, self.transform_bias, self.init_scale,
+    x, s = RHNLayer(self.nhid, self.depth, self.init_scheme, self.transform_bias, self.init_scale,
                     self.dropout_hidden, self.compute_dtype, name='rhn')(x, carry[0], valid, train)
     x = layers.locked_dropout(self, x, self.dropout, train)
     kernel, bias = layers.decoder_params(self, embedding, self.tied, self.nhid,
-                                         uniform_init(self.init_scale))
+                                         uniform_init(scale))
     dtype = self.compute_dtype
     out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
                          self.loss_chunk_rows)

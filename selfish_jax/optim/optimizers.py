@@ -1,6 +1,7 @@
 """The optimizer axis: any sparse method trains with any of these.
 
-Every optimizer ends by re-masking its updates, so inactive weights stay zero;
+Every optimizer ends by re-masking its updates, so inactive weights stay zero
+(``momentum`` and ``adam`` zero their moments there too);
 only ``snt_asgd`` (:func:`~selfish_jax.optim.snt_asgd.sparse_averaging`) and
 ``asgd`` (:func:`~selfish_jax.optim.snt_asgd.dense_averaging`) carry averaging
 state (the training loop applies the non-monotone trigger to it). The others
@@ -14,6 +15,7 @@ from typing import Any
 import optax
 
 from selfish_jax.errors import ConfigError
+from selfish_jax.optim.inactive_state import zero_inactive_state
 from selfish_jax.optim.snt_asgd import (asgd, clip_and_decay, masked, scale_by_lr_factor, sgd,
                                         snt_asgd)
 
@@ -38,8 +40,11 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
     return sgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
   base = (optax.trace(decay=momentum) if name == 'momentum'
           else optax.scale_by_adam(b1=momentum))
-  return optax.chain(*clip_and_decay(clip_norm, weight_decay), base, scale_by_lr_factor(),
-                     optax.scale_by_learning_rate(learning_rate), masked())
+  # Moments of inactive weights are zeroed after every step (the reference's
+  # apply_mask), so a regrown weight starts with none.
+  return zero_inactive_state(optax.chain(
+      *clip_and_decay(clip_norm, weight_decay), base, scale_by_lr_factor(),
+      optax.scale_by_learning_rate(learning_rate), masked()))
 
 
 def momentum_of(opt_state: optax.OptState) -> Any:

@@ -235,6 +235,19 @@ def start_averaging(opt_state: optax.OptState) -> optax.OptState:
   return optax.tree_utils.tree_set(opt_state, averaging=jnp.asarray(True))
 
 
+def restart_averaging(opt_state: optax.OptState) -> optax.OptState:
+  """Averaging starts over, still on: every counter at 0 and every average at
+  0, so the next step's weights are the new averages' first term (the
+  official ON-LSTM script's fine-tuning restarts: a new ``Sparse_ASGD``)."""
+  state = _averaging_state(opt_state)
+  if state is None:
+    raise ValueError('this optimizer state has no averaging to restart')
+  fresh = jax.tree.map(jnp.zeros_like, state)._replace(averaging=jnp.asarray(True))
+  is_averaging_state = lambda node: isinstance(node, type(state))
+  return jax.tree.map(lambda node: fresh if is_averaging_state(node) else node, opt_state,
+                      is_leaf=is_averaging_state)
+
+
 def averaged_params(opt_state: optax.OptState, params: PyTree,
                     masks: Masks | None = None) -> PyTree:
   """The averaged weights once averaging is on, else ``params`` themselves.
