@@ -11,6 +11,7 @@ import ml_collections
 
 from selfish_jax import models, optim
 from selfish_jax.data import corpus
+from selfish_jax.models import rhn
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks, methods, topology
 
@@ -35,6 +36,9 @@ def add_optimizer_keys(c: ml_collections.ConfigDict) -> None:
   c.nonmono = 5
   # > 0: snt_asgd/asgd average from this epoch on, whatever the non-monotone trigger says.
   c.asgd_start_epoch = 0
+  # Epochs after which averaging, if on, starts over (new averages, every counter
+  # at 0), as the official ON-LSTM script's --finetuning/--finetuning2 do.
+  c.asgd_restart_epochs = ()
 
 
 def add_sparsity_keys(c: ml_collections.ConfigDict) -> None:
@@ -73,8 +77,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.ar_alpha = 0.0  # onlstm, awd_lstm_mos: activation regularisation
   c.tar_beta = 0.0  # onlstm, awd_lstm_mos: temporal activation regularisation
   c.rhn_depth = 10  # rhn: highway micro-steps per token
-  c.rhn_transform_bias = -2.0  # rhn: initial transform-gate bias
-  c.rhn_init_scale = 0.04  # rhn: U(-s, s) initialisation of every weight
+  # rhn: selfish_rnn (the official Selfish-RNN models.py: PyTorch nn.Linear
+  # defaults, embedding U(-0.1, 0.1)) | zilly (every weight U(-s, s) with
+  # s = rhn_init_scale, transform-gate bias rhn_transform_bias)
+  c.rhn_init = 'selfish_rnn'
+  c.rhn_transform_bias = rhn.ZILLY_TRANSFORM_BIAS  # rhn, rhn_init='zilly': transform-gate bias
+  c.rhn_init_scale = rhn.ZILLY_INIT_SCALE  # rhn, rhn_init='zilly': U(-s, s) for every weight
   c.chunk_size = 10  # onlstm: units per master-gate level
   c.nhid_last = 0  # awd_lstm_mos: last LSTM layer's size (0: emsize)
   c.n_experts = 15  # awd_lstm_mos: softmaxes in the mixture
@@ -87,6 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 1111
   c.batch_size = 20
   c.eval_batch_size = 20
+  # The test split's batch (0: eval_batch_size). The official ON-LSTM and MoS
+  # scripts test with batch 1: one state carried through the whole text.
+  c.test_batch_size = 0
   c.bptt = 35
   # AWD-LSTM's variable BPTT: each window is bptt (p=0.95) or bptt/2, plus
   # N(0, 5) steps, at least 5 and at most bptt + max_bptt_delta; lr scales
@@ -144,7 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               'num_epochs', 'log_every', 'rhn_depth', 'chunk_size', 'n_experts'):
     _check_positive_int(config, key)
   for key in ('nhid_last', 'max_bptt_delta', 'max_steps_per_epoch', 'checkpoint_every_steps',
-              'num_devices', 'gradient_groups'):
+              'num_devices', 'gradient_groups', 'test_batch_size'):
     _check_positive_int(config, key, minimum=0)
   if config.gradient_groups and config.batch_size % config.gradient_groups:
     raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
@@ -180,5 +191,9 @@ def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
   _check_positive_int(config, 'update_every')
   for key in ('nonmono', 'asgd_start_epoch'):
     _check_positive_int(config, key, minimum=0)
+  restarts = config.asgd_restart_epochs
+  if not (isinstance(restarts, (tuple, list)) and all(
+      isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in restarts)):
+    raise ConfigError(f'asgd_restart_epochs must be a tuple of epochs >= 1, got {restarts!r}')
   if config.lr <= 0:
     raise ConfigError(f'lr must be > 0, got {config.lr!r}')

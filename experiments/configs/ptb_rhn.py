@@ -1,11 +1,15 @@
 """The paper's RHN row: 1 layer of 830 units, recurrence depth 10, on PTB at
 density 0.472 (reported val/test 62.10/60.35; dense test 65.4).
 
-Zilly et al.'s regularisation (tied weights, word-level embedding dropout 0.2,
-locked input and output dropout 0.65, one hidden-state dropout mask 0.25 reused
-across depth and time, transform-gate bias -2, U(-0.04, 0.04) initialisation)
-with Selfish-RNN's training: lr 15, 500 epochs, death rate 0.5, SNT-ASGD with
-clip 0.25. Batch 20 x bptt 35 as Zilly's PTB setup.
+Selfish-RNN's RHN command (``main.py --model RHN --tied --couple --nlayers 1
+--density 0.472 --death-rate 0.5 --clip 0.25 --lr 15 --epochs 500 --dropout
+0.65 --dropouth 0.25 --dropouti 0.65 --dropoute 0.2 --emsize 830 --nhid 830``)
+and the official ``models.py``: a coupled carry gate, one hidden-state dropout
+mask reused across depth and time, and PyTorch ``nn.Linear`` defaults for ``W``
+and every ``R_l`` (``rhn_init='selfish_rnn'``: two biases on the depth-0
+pre-activation, no negative transform bias, embedding U(-0.1, 0.1)).
+``--config.rhn_init=zilly`` gives Zilly et al.'s TensorFlow initialisation
+instead. Batch 20 x bptt 35, SNT-ASGD, nonmono 5 (the script's defaults).
 """
 
 from experiments.configs import ptb_lstm_small
@@ -14,6 +18,6 @@ from experiments.configs import ptb_lstm_small
 def get_config():
   config = ptb_lstm_small.get_config()
   config.update(model='rhn', emsize=830, nhid=830, nlayers=1, rhn_depth=10, tied=True,
-                dropout=0.65, dropout_input=0.65, dropout_hidden=0.25, dropout_embedding=0.2,
-                lr=15.0, num_epochs=500, death_rate=0.5, density=0.472)
+                rhn_init='selfish_rnn', dropout=0.65, dropout_input=0.65, dropout_hidden=0.25,
+                dropout_embedding=0.2, lr=15.0, num_epochs=500, death_rate=0.5, density=0.472)
   return config

@@ -120,7 +120,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = steps.TrainState(step=jnp.int32(0), params=params, masks=masks,
                            opt_state=tx.init(params), carry=(),
                            method_state=method.initial_state,
-                           ever_active=jax.tree.map(jnp.copy, masks))
+                           ever_active=jax.tree.map(jnp.copy, masks),
+                           gradients=train.initial_gradients(method, params))
   if optim.can_average(state.opt_state) and config.asgd_start_epoch == 1:
     state = state.replace(opt_state=optim.start_averaging(state.opt_state))
 
@@ -134,7 +135,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  jax.random.fold_in(dropout_key, state.step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), loss
+                         opt_state=opt_state,
+                         gradients=None if state.gradients is None else grads), loss
 
   @jax.jit
   def evaluate_batch(params, ids, weights, labels):
@@ -150,17 +152,11 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return total_nll / len(test_labels), correct / len(test_labels)
 
   update = jax.jit(method.update, donate_argnums=0) if method.update else None
-  gradients = jax.jit(lambda p, *batch: loss_and_grads(p, *batch)[1])
   union = jax.jit(sparsity.union_masks)
 
-  def change_topology(state, key, batch):
-    scores = None
-    if method.scores == 'gradient':
-      scores = gradients(state.params, *batch, jax.random.fold_in(key, 1))
-    elif method.scores == 'momentum':
-      scores = optim.momentum_of(state.opt_state)
+  def change_topology(state, key):
     params, masks, method_state = update(state.params, state.masks, state.method_state, key,
-                                         state.step, scores)
+                                         state.step, train.growth_scores(method, state))
     return state.replace(params=params, masks=masks, method_state=method_state,
                          ever_active=union(state.ever_active, masks))
 
@@ -192,7 +188,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
       losses.append(loss)
       step += 1
       if method.updates_at(step, epoch_end=False):  # RigL, GMP: every update_every steps
-        state = change_topology(state, jax.random.fold_in(topology_key, step), batch)
+        state = change_topology(state, jax.random.fold_in(topology_key, step))
     train_loss = float(jnp.mean(jnp.stack(losses)))
     averaging = bool(optim.is_averaging(state.opt_state))
     held_out_loss, accuracy = evaluate(optim.averaged_params(state.opt_state, state.params,
@@ -210,9 +206,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not averaging:
       host['val_losses'].append(held_out_loss)
     if method.updates_at(step, epoch_end=True) and not switched:
-      first = order[:config.batch_size]
-      state = change_topology(state, jax.random.fold_in(topology_key, epoch),
-                              (train_ids[first], train_weights[first], train_labels[first]))
+      state = change_topology(state, jax.random.fold_in(topology_key, epoch))
     host['best_accuracy'] = max(host['best_accuracy'], accuracy)
     summary = sparsity.summarize(state.masks, model.gate_layout)
     record = {'step': step, 'epoch': epoch, 'loss': train_loss, 'held_out_loss': held_out_loss,

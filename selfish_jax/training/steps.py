@@ -30,6 +30,9 @@ class TrainState(flax.struct.PyTreeNode):
     carry: the recurrent state carried from one BPTT window to the next.
     method_state: what the sparse method carries between updates (DSR's threshold).
     ever_active: masks of the weights active at any point so far (the ITOP rate's).
+    gradients: the gradient the latest training step computed, kept only for
+      methods that grow by gradient (None otherwise): what their next
+      topology update ranks, as the reference reads ``weight.grad``.
   """
   step: jax.Array
   params: PyTree
@@ -38,6 +41,7 @@ class TrainState(flax.struct.PyTreeNode):
   carry: PyTree
   method_state: PyTree
   ever_active: PyTree
+  gradients: PyTree = None
 
 
 class Windows(flax.struct.PyTreeNode):
@@ -203,6 +207,14 @@ def make_train_step(grad_fn: GradFn, tx: optax.GradientTransformationExtraArgs
   ``lr_factor`` reaches the optimizer as an extra argument (see
   :func:`selfish_jax.optim.scale_by_lr_factor`): variable-length BPTT scales
   each step's learning rate by its window's length.
+
+  When ``state.gradients`` is not None the step stores its gradient there
+  (the mean NLL's plus the penalties', on the carried state and with this
+  step's dropout): the scores of a gradient-growth update that follows, with
+  no second gradient pass. It is stored before clipping: the clip multiplies
+  every gradient by one positive scalar and rounding is monotone, so the
+  order of magnitudes inside a matrix, which is all a growth ranks, stays
+  (at most two nearly equal values become a tie).
   """
 
   def train_step(state: TrainState, window: Windows, dropout_key: jax.Array,
@@ -213,8 +225,9 @@ def make_train_step(grad_fn: GradFn, tx: optax.GradientTransformationExtraArgs
                                    lr_factor=lr_factor)
     params = optax.apply_updates(state.params, updates)
     carry = jax.lax.stop_gradient(carry)
+    kept = None if state.gradients is None else grads
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         carry=carry), loss
+                         carry=carry, gradients=kept), loss
 
   return train_step
 

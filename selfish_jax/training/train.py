@@ -64,9 +64,14 @@ RESUMABLE_CHANGES = frozenset({'data_dir', 'download', 'download_url', 'log_ever
 FORKABLE_OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd')
 
 
+def _as_saved(config: ml_collections.ConfigDict) -> dict:
+  """The config as ``config.json`` holds it (tuples become lists)."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
 def check_forkable(source: dict, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError unless ``config`` may continue the run whose config is ``source``."""
-  current = config.to_dict()
+  current = _as_saved(config)
   changed = sorted(k for k in set(source) | set(current)
                    if k not in RESUMABLE_CHANGES | {'optimizer', 'fork_from'}
                    and source.get(k) != current.get(k))
@@ -81,7 +86,7 @@ def check_forkable(source: dict, config: ml_collections.ConfigDict) -> None:
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError if ``config`` differs from a workdir's saved config in a key that matters."""
-  current = config.to_dict()
+  current = _as_saved(config)
   changed = sorted(k for k in set(saved) | set(current)
                    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
   if changed:
@@ -118,7 +123,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.Language
   return steps.TrainState(step=jnp.int32(0), params=params, masks=masks,
                           opt_state=tx.init(params), carry=carry,
                           method_state=method.initial_state,
-                          ever_active=jax.tree.map(jnp.copy, masks))
+                          ever_active=jax.tree.map(jnp.copy, masks),
+                          gradients=initial_gradients(method, params))
+
+
+def initial_gradients(method: methods.Method, params: PyTree) -> PyTree:
+  """The train state's gradient buffer: zeros for methods that grow by gradient, else None."""
+  return jax.tree.map(jnp.zeros_like, params) if method.scores == 'gradient' else None
+
+
+def growth_scores(method: methods.Method, state: steps.TrainState) -> PyTree:
+  """What ``method`` grows by: the latest train step's gradient, the optimizer's
+  momentum, or None."""
+  if method.scores == 'gradient':
+    return state.gradients
+  if method.scores == 'momentum':
+    return optim.momentum_of(state.opt_state)
+  return None
 
 
 def method_rates(method: methods.Method, step: jax.Array) -> dict[str, float]:
@@ -132,15 +153,15 @@ def method_rates(method: methods.Method, step: jax.Array) -> dict[str, float]:
   return rates
 
 
-def fork(config, state, tx, method, change_topology, epoch_windows, topology_key, mask_fields,
-         writer):
+def fork(config, state, tx, method, change_topology, topology_key, mask_fields, writer):
   """``(state, host)`` of ``config.fork_from``'s run where it switched averaging on,
   continued with this run's optimizer.
 
   The SGD phase of the forkable optimizers carries no state, so the fresh
   optimizer state is exact; an optimizer that averages switches on at once,
   and plain SGD, which would not have switched, gets the topology update the
-  source skipped in that epoch (same key and scores as the loop would use).
+  source skipped in that epoch (same key and scores as the loop would use: the
+  switch checkpoint holds the last step's gradient for gradient growth).
   The source's metrics up to the fork are copied, so curves are complete.
   """
   source = config.fork_from
@@ -168,8 +189,7 @@ def fork(config, state, tx, method, change_topology, epoch_windows, topology_key
     state = state.replace(opt_state=optim.start_averaging(state.opt_state))
   elif method.updates_at(int(state.step), epoch_end=True):
     before = jax.device_get(state.masks)
-    state = change_topology(state, jax.random.fold_in(topology_key, epoch),
-                            epoch_windows(epoch)[0][0])
+    state = change_topology(state, jax.random.fold_in(topology_key, epoch))
     records[-1] = {**records[-1], **mask_fields(state), 'topology_distance':
                    sparsity.topology_distance(before, jax.device_get(state.masks))}
   writer.truncate_after(-1)  # a fork interrupted before its first checkpoint starts over
@@ -205,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        np.random.default_rng([config.seed, epoch]))
 
   valid_windows = steps.make_windows(batchify(corpus.valid, config.eval_batch_size), config.bptt)
-  test_windows = steps.make_windows(batchify(corpus.test, config.eval_batch_size), config.bptt)
+  test_batch_size = config.test_batch_size or config.eval_batch_size
+  test_windows = steps.make_windows(batchify(corpus.test, test_batch_size), config.bptt)
   # Nominal: variable BPTT draws a few more (shorter) windows an epoch. The
   # method's schedules run over num_epochs x this many steps.
   steps_per_epoch = fixed_windows.num_windows
@@ -218,12 +239,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated = parallel.replicated(mesh)
   batch_sharded = parallel.batch_sharding(mesh)
   valid_windows = parallel.put(valid_windows, parallel.batch_sharding(mesh, batch_axis=1))
-  test_windows = parallel.put(test_windows, parallel.batch_sharding(mesh, batch_axis=1))
+  # A test batch the devices do not divide (the official scripts' batch 1) is
+  # evaluated whole on every device.
+  test_windows = parallel.put(test_windows, parallel.batch_sharding(mesh, batch_axis=1)
+                              if test_batch_size % mesh.devices.size == 0 else replicated)
 
   model = models.build_model(config, corpus.vocab_size)
   tx = build_optimizer(config)
   root = jax.random.key(config.seed)
-  init_key, dropout_key, topology_key, gradient_key = jax.random.split(root, 4)
+  # (A fourth key once drew the dropout of a separate gradient pass; the split
+  # stays 4-way so the other keys, and every result, stay the same.)
+  init_key, dropout_key, topology_key, _ = jax.random.split(root, 4)
   method = build_method(config, steps_per_epoch)
   state = create_train_state(config, model, tx, method, init_key)
   if optim.can_average(state.opt_state) and config.asgd_start_epoch == 1:
@@ -240,23 +266,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        out_shardings=(state_sharding, replicated))
   evaluate_split = jax.jit(steps.make_evaluate(model, config.eval_batch_size))
   evaluate = lambda params, windows: float(evaluate_split(params, windows))
+  evaluate_test = (evaluate_split if test_batch_size == config.eval_batch_size
+                   else jax.jit(steps.make_evaluate(model, test_batch_size)))
   eval_params = jax.jit(optim.averaged_params)  # (opt_state, params, masks)
   # One program over all matrices, donating the params so XLA can update them in place.
   update_topology = jax.jit(method.update, donate_argnums=0) if method.update else None
-  gradient_fn = jax.jit(lambda *args: grad_fn(*args)[2])
-  momentum_of = jax.jit(optim.momentum_of)
   union = jax.jit(sparsity.union_masks)
 
-  def change_topology(state, key, window):
-    """The method's topology update, with the scores it grows by."""
-    scores = None
-    if method.scores == 'gradient':
-      scores = gradient_fn(state.params, initial_carry(), window, jax.random.fold_in(gradient_key,
-                                                                                     state.step))
-    elif method.scores == 'momentum':
-      scores = momentum_of(state.opt_state)
+  def change_topology(state, key):
+    """The method's topology update, growing by what the latest step left (its
+    gradient, or the optimizer's momentum) where the method says so."""
     params, masks, method_state = update_topology(state.params, state.masks, state.method_state,
-                                                  key, state.step, scores)
+                                                  key, state.step, growth_scores(method, state))
     return state.replace(params=params, masks=masks, method_state=method_state,
                          ever_active=union(state.ever_active, masks))
 
@@ -280,8 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   host = HostState()
   restored = checkpoints.restore_latest(state)
   if restored is None and config.fork_from:
-    state, host = fork(config, state, tx, method, change_topology, epoch_windows, topology_key,
-                       mask_fields, writer)
+    state, host = fork(config, state, tx, method, change_topology, topology_key, mask_fields,
+                       writer)
     checkpoints.save_latest(int(state.step), state, host.to_json())
   elif restored is not None:
     state, host_json = restored
@@ -340,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       interval_tokens += int(window_tokens[index])
       epoch_tokens += int(window_tokens[index])
       if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
-        state = change_topology(state, jax.random.fold_in(topology_key, state.step), window)
+        state = change_topology(state, jax.random.fold_in(topology_key, state.step))
       losses.append(loss)
       unchecked.append((step, loss))
       interval_steps += 1
@@ -383,9 +404,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     moved = {}
     if method.updates_at(step, epoch_end=True) and not switched:  # (fork() repeats this)
       before = jax.device_get(state.masks)
-      state = change_topology(state, jax.random.fold_in(topology_key, epoch),
-                              parallel.put(train_windows[0], batch_sharded))
+      state = change_topology(state, jax.random.fold_in(topology_key, epoch))
       moved = sparsity.topology_distance(before, jax.device_get(state.masks))
+    restarted = averaging and epoch in config.asgd_restart_epochs
+    if restarted:
+      state = state.replace(opt_state=optim.restart_averaging(state.opt_state))
+      logging.info('Averaging starts over after epoch %d.', epoch)
     fields = mask_fields(state)
     record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
               'val_ppl': _perplexity(val_loss),
@@ -393,7 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               'epoch_time_s': time.time() - epoch_start,
               # Of this session's part of the epoch (all of it unless resumed mid-epoch).
               'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
-              **fields, 'topology_distance': moved}  # per matrix, this epoch's update
+              **fields, 'topology_distance': moved,  # per matrix, this epoch's update
+              'averaging_restarted': restarted}
     writer.write(record)
     logging.info('| end of epoch %3d | %6.1fs | valid loss %5.2f | valid ppl %8.2f | %s | '
                  'density %.4f | ITOP %.4f%s%s', epoch, record['epoch_time_s'], val_loss,
@@ -410,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoints.save_switch(int(state.step), state, host.to_json())
 
   best = checkpoints.restore_best(state.params)
-  test_loss = evaluate(best if best is not None else state.params, test_windows)
+  test_loss = float(evaluate_test(best if best is not None else state.params, test_windows))
   dense_forward = flops.forward_flops_per_token(state.params, sparsity.dense_masks(state.params),
                                                 model.weight_uses)
   sparse_forward = flops.forward_flops_per_token(state.params, state.masks, model.weight_uses)
