@@ -11,12 +11,17 @@ executes, 3x the dense forward FLOPs per token (see ``selfish_jax.flops``; the
 step multiplies dense matrices whatever their masks), divided by its median
 time. Inputs are random tokens of the dataset's vocabulary size, so no data is
 needed; seeds are fixed. ``--parts=topology`` times only the topology update
-(for paper-sized models whose train step a CPU cannot time). Like
+(for paper-sized models whose train step a CPU cannot time). The train step
+is compiled as the training loop compiles it, data parallel over
+``config.num_devices`` devices (0: all), and ``gflop_per_device`` and
+``all_gathers`` report what XLA made of it (``--parts=compile`` reports only
+those, without running). Like
 ``experiments.main`` it first keeps freed host memory for reuse
 (``selfish_jax.host``); ``--noretain_freed_memory`` measures without that.
 """
 
 import json
+import re
 import time
 
 from absl import app, flags
@@ -31,14 +36,16 @@ from selfish_jax import host, models
 from selfish_jax import sparsity
 from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.sparsity import methods
-from selfish_jax.training import steps, train
+from selfish_jax.training import parallel, steps, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _STEPS = flags.DEFINE_integer('steps', 60, 'Timed train steps (after warm-up).')
 _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed train steps after compilation.')
 _TOPOLOGY_REPEATS = flags.DEFINE_integer('topology_repeats', 3, 'Timed topology updates.')
-PARTS = ('train', 'eval', 'topology')
-_PARTS = flags.DEFINE_list('parts', list(PARTS), 'What to time: train, eval, topology.')
+PARTS = ('train', 'eval', 'topology', 'compile')
+_PARTS = flags.DEFINE_list('parts', ['train', 'eval', 'topology'],
+                           'What to measure: train, eval, topology; compile (only compiles '
+                           'the train step and reports its per-device GFLOP and all-gathers).')
 _RETAIN_FREED_MEMORY = flags.DEFINE_bool(
     'retain_freed_memory', True, 'Keep freed host memory for reuse (selfish_jax.host).')
 flags.mark_flags_as_required(['config'])
@@ -52,16 +59,15 @@ def _block(tree):
 def _time_train_step(config, model, tx, state, window) -> dict:
   start = time.perf_counter()
   dropout_key = jax.random.key(1)
-  compiled = jax.jit(steps.make_train_step(steps.make_grad_fn(model), tx),
-                     donate_argnums=0).lower(state, window, dropout_key).compile()
+  compiled, state, window = _compile_train_step(config, model, tx, state, window)
   compile_s = time.perf_counter() - start
   for _ in range(_WARMUP.value):
-    state, _ = compiled(state, window, dropout_key)
+    state, _ = compiled(state, window, dropout_key, 1.0)
   _block(state)
   times, losses = [], []
   for _ in range(_STEPS.value):
     start = time.perf_counter()
-    state, loss = compiled(state, window, dropout_key)
+    state, loss = compiled(state, window, dropout_key, 1.0)
     losses.append(float(loss))  # waits for the step
     times.append(time.perf_counter() - start)
   step_ms = np.array(times) * 1000
@@ -76,6 +82,8 @@ def _time_train_step(config, model, tx, state, window) -> dict:
       'step_ms_p50': p50,
       'step_ms_p90': float(np.percentile(step_ms, 90)),
       'compile_s': compile_s,
+      'devices': len(window.inputs.sharding.device_set),
+      **compiled_step_costs(compiled),
       'step_gflop': flops / 1e9,
       'gflops_per_s': flops / 1e9 / (p50 / 1000),
       'timed_steps': len(times),
@@ -83,6 +91,36 @@ def _time_train_step(config, model, tx, state, window) -> dict:
       'loss_first_timed_step': losses[0],
       'loss_last_timed_step': losses[-1],
   }
+
+
+def _compile_train_step(config, model, tx, state, window):
+  """``(compiled step, state, window)``: the data-parallel train step as the
+  training loop compiles it, on ``config.num_devices`` devices (0: all), with
+  the state and window placed on them."""
+  mesh = parallel.make_mesh(config.num_devices)
+  state_sharding = parallel.train_state_sharding(mesh, state)
+  batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  step = jax.jit(steps.make_train_step(steps.make_grad_fn(model, mesh, config.gradient_groups),
+                                       tx), donate_argnums=0,
+                 in_shardings=(state_sharding, batch, replicated, replicated),
+                 out_shardings=(state_sharding, replicated))
+  state, window = jax.device_put(state, state_sharding), jax.device_put(window, batch)
+  return step.lower(state, window, jax.random.key(1), 1.0).compile(), state, window
+
+
+def compiled_step_costs(compiled) -> dict:
+  """What XLA compiled for the train step: per-device GFLOP (the compiled
+  program's cost analysis) and the number of all-gathers in it. Data
+  parallelism divides the work when the first falls as 1/N on N devices and
+  the second stays 0 (activations stay split over the batch; only gradients
+  are all-reduced). XLA's cost analysis counts a loop's body once, whatever
+  its trip count (the chunked softmax loss, un-unrolled recurrences): compare
+  the figure between device counts, not with the step's real FLOPs."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
+  return {'gflop_per_device': float(cost['flops']) / 1e9,
+          'all_gathers': len(re.findall(r'= [^=]*\ball-gather(?:-start)?\(', hlo))}
 
 
 def _time_evaluation(config, model, params, window) -> dict:
@@ -143,6 +181,10 @@ def benchmark(config, parts=PARTS) -> dict:
     result.update(_time_evaluation(config, model, state.params, window))
   if 'train' in parts:
     result.update(_time_train_step(config, model, tx, state, window))
+  elif 'compile' in parts:
+    compiled, _, window = _compile_train_step(config, model, tx, state, window)
+    result.update(devices=len(window.inputs.sharding.device_set),
+                  **compiled_step_costs(compiled))
   return result
 
 

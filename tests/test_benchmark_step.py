@@ -18,9 +18,9 @@ def test_benchmark_prints_the_promised_figures():
   assert figures['loss_last_timed_step'] < figures['loss_first_timed_step'] - 0.01
   # The timed topology updates keep the exact density: 25 % of every matrix.
   assert figures['density_after_topology_updates'] == pytest.approx(0.25, abs=1e-4)
-  assert figures['step_ms_p10'] <= figures['step_ms_p50'] <= figures['step_ms_p90']
-  # Exact up to float rounding of the divisions and products.
-  assert figures['tokens_per_s'] * figures['step_ms_p50'] / 1000 == pytest.approx(4 * 5, rel=1e-12)
+  # One device: nothing to gather, and XLA's count of the step's work is there.
+  assert figures['devices'] == 1 and figures['all_gathers'] == 0
+  assert figures['gflop_per_device'] > 0
   # 3 x (2 FLOPs per weight of the two LSTM layers and the decoder) per token, 20 tokens.
   lstm = 2 * (8 * 32 + 8 * 32)
   assert figures['step_gflop'] * 1e9 == pytest.approx(3 * 20 * 2 * (lstm + 8 * 10_000), rel=1e-12)

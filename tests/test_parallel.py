@@ -7,6 +7,7 @@ differently for the two layouts). The runs cover dropout, topology updates and
 the SNT-ASGD switch.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,50 @@ def test_batch_not_divisible_by_the_devices_is_refused(text_corpus_dir, tmp_path
   assert done.stderr.strip().splitlines()[-1] == (
       'error: batch_size=6 is not divisible by the 4 devices of the mesh (set num_devices or the '
       'batch size)')
+
+
+# Compiles every family's train step on 1 and 2 host devices (small sizes) and
+# prints {model: {devices: costs}} as JSON.
+_COSTS_SCRIPT = """
+import json, sys
+import jax
+from benchmarks import step as bench
+from experiments.configs import ptb_lstm_small, ptb_rhn_cpu, ptb_onlstm_cpu, wt2_awd_lstm_mos_cpu
+from selfish_jax import models
+from selfish_jax.training import steps, train
+import jax.numpy as jnp
+out = {}
+for module in (ptb_lstm_small, ptb_rhn_cpu, ptb_onlstm_cpu, wt2_awd_lstm_mos_cpu):
+  config = module.get_config()
+  config.update(emsize=40, nhid=40, batch_size=8, bptt=10, loss_chunk_rows=int(sys.argv[1]))
+  model = models.build_model(config, 500)
+  tx = train.build_optimizer(config)
+  state = train.create_train_state(config, model, tx, train.build_method(config, 100),
+                                   jax.random.key(0))
+  length = config.bptt + (config.max_bptt_delta if config.variable_bptt else 0)
+  tokens = jax.random.randint(jax.random.key(1), (8, length), 0, 500)
+  window = steps.Windows(tokens, tokens, jnp.ones((8, length)))
+  for n in (1, 2):
+    config.num_devices = n
+    compiled, _, _ = bench._compile_train_step(config, model, tx, state, window)
+    out.setdefault(config.model, {})[n] = bench.compiled_step_costs(compiled)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize('loss_chunk_rows', [40, 0])  # the fused, chunked loss and plain autodiff
+def test_data_parallel_step_divides_the_work_of_every_family(loss_chunk_rows):
+  """On 2 devices each computes about half of one device's step, and no
+  activation is gathered: the batch stays split from the input projection
+  to the loss, and only gradients are all-reduced."""
+  done = subprocess.run([sys.executable, '-c', _COSTS_SCRIPT, str(loss_chunk_rows)], cwd=ROOT,
+                        env={**ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  costs = json.loads(done.stdout.strip().splitlines()[-1])
+  assert sorted(costs) == ['awd_lstm_mos', 'lstm', 'onlstm', 'rhn']
+  for model, by_devices in costs.items():
+    one, two = by_devices['1'], by_devices['2']
+    assert one['all_gathers'] == 0 and two['all_gathers'] == 0, (model, by_devices)
+    # Half, plus the replicated optimizer update and topology bookkeeping.
+    assert 0.45 < two['gflop_per_device'] / one['gflop_per_device'] < 0.6, (model, by_devices)

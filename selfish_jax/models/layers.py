@@ -32,6 +32,14 @@ def linear_init(fan_in: int) -> nn.initializers.Initializer:
   return uniform_init(1.0 / fan_in ** 0.5)
 
 
+def project(inputs: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """``inputs [T, B, in] @ kernel [in, out]`` -> ``[T, B, out]`` in float32, without
+  merging time and batch: a batch split over devices stays split (a
+  ``[T*B, in]`` reshape would make XLA gather it on every device)."""
+  return jnp.einsum('tbi,io->tbo', inputs.astype(dtype), kernel.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
 def equal_gates(names: Sequence[str], columns: int) -> GateBlocks:
   """``len(names)`` gates of equal width side by side in ``columns`` columns."""
   if columns % len(names):

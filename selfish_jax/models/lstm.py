@@ -48,7 +48,8 @@ def lstm_recurrence(projected: jax.Array, w_rec: jax.Array, carry: Carry,
   Its gradient is hand-written: the backward loop only propagates ``dh`` and
   ``dc`` through time, and the recurrent kernel's gradient is one
   ``[H, T*B] @ [T*B, 4H]`` product afterwards instead of ``T`` rank-``B``
-  updates accumulated inside the loop. Both loops are unrolled when ``T`` is
+  updates accumulated inside the loop (contracting time and batch in place, so
+  a batch sharded over devices is never gathered). Both loops are unrolled when ``T`` is
   a window's few dozen steps, which removes XLA:CPU's per-iteration overhead
   (see :func:`unroll_steps`).
   """
@@ -118,10 +119,10 @@ def _lstm_recurrence_bwd(compute_dtype, residuals, cotangents):
   (d_h0, d_c0), d_projected = jax.lax.scan(
       step, (d_h_last, d_c_last), (d_hs, previous_c, cs, gates, valid), reverse=True,
       unroll=unroll_steps(d_hs.shape[0]))
-  rows = d_hs.shape[0] * d_hs.shape[1]
-  d_w_rec = jnp.dot(previous_h.reshape(rows, -1).T.astype(compute_dtype),
-                    d_projected.reshape(rows, -1).astype(compute_dtype),
-                    preferred_element_type=jnp.float32)
+  # Contracting time and batch in place (no [T*B, .] reshape): a batch split
+  # over devices stays split, and XLA all-reduces the partial products.
+  d_w_rec = jnp.einsum('tbh,tbg->hg', previous_h.astype(compute_dtype),
+                       d_projected.astype(compute_dtype), preferred_element_type=jnp.float32)
   return d_projected, d_w_rec.astype(w_rec.dtype), (d_h0, d_c0), None
 
 
@@ -158,10 +159,7 @@ class LSTMLayer(nn.Module):
     dtype = self.compute_dtype
     # The input projection of the whole window is one large matmul; only the
     # recurrent product stays inside the sequential loop.
-    steps, batch = inputs.shape[:2]
-    projected = jnp.dot(inputs.reshape(steps * batch, -1).astype(dtype), w_in.astype(dtype),
-                        preferred_element_type=jnp.float32) + (b_in + b_rec)
-    projected = projected.reshape(steps, batch, 4 * hidden)
+    projected = layers.project(inputs, w_in, dtype) + (b_in + b_rec)
     return lstm_recurrence(projected, w_rec, carry, valid, dtype)
 
 

@@ -28,33 +28,34 @@ from selfish_jax.models.softmax import chunk_steps
 
 def mixture_log_probs(latent: jax.Array, prior_logits: jax.Array, kernel: jax.Array,
                       bias: jax.Array) -> jax.Array:
-  """``log p`` ``[rows, vocab]`` of the mixture, from ``latent [rows, K, E]`` and
-  ``prior_logits [rows, K]``; computed in log space (the official code adds
+  """``log p`` ``[..., vocab]`` of the mixture, from ``latent [..., K, E]`` and
+  ``prior_logits [..., K]`` (any leading axes, kept); computed in log space (the official code adds
   1e-8 to ``p`` before the log, a difference far below float32 noise for
   any token of non-negligible probability)."""
-  logits = jnp.einsum('rke,ev->rkv', latent, kernel, preferred_element_type=jnp.float32) + bias
+  logits = jnp.einsum('...ke,ev->...kv', latent, kernel,
+                      preferred_element_type=jnp.float32) + bias
   log_experts = jax.nn.log_softmax(logits, axis=-1)
   log_prior = jax.nn.log_softmax(prior_logits.astype(jnp.float32), axis=-1)
-  return jax.nn.logsumexp(log_experts + log_prior[..., None], axis=1)
+  return jax.nn.logsumexp(log_experts + log_prior[..., None], axis=-2)
 
 
 def mixture_nll(latent: jax.Array, prior_logits: jax.Array, kernel: jax.Array, bias: jax.Array,
                 targets: jax.Array, steps_per_chunk: int) -> jax.Array:
   """Per-token NLL ``[T, B]`` of time-major ``latent [T, B, K, E]``, ``steps_per_chunk``
   time steps at a time, each chunk rematerialised in the backward pass: the
-  ``[rows, K, vocab]`` expert probabilities are never all in memory at once."""
-  steps, batch = targets.shape
-  chunks = steps // steps_per_chunk
-  split = lambda a: a.reshape(chunks, steps_per_chunk * batch, *a.shape[2:])
+  ``[steps, B, K, vocab]`` expert probabilities are never all in memory at
+  once. Chunks keep the batch as its own axis, so a sharded batch stays split."""
+  steps = targets.shape[0]
+  split = lambda a: a.reshape(steps // steps_per_chunk, steps_per_chunk, *a.shape[1:])
 
   @jax.checkpoint
   def chunk(inputs):
     lat, prior, y = inputs
     log_p = mixture_log_probs(lat, prior, kernel, bias)
-    return -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+    return -jnp.take_along_axis(log_p, y[..., None], axis=-1)[..., 0]
 
   nll = jax.lax.map(chunk, (split(latent), split(prior_logits), split(targets)))
-  return nll.reshape(steps, batch)
+  return nll.reshape(targets.shape)
 
 
 class AWDLSTMMoSLM(nn.Module):
@@ -126,9 +127,7 @@ class AWDLSTMMoSLM(nn.Module):
     kernel, bias = layers.decoder_params(self, embedding, self.tied, self.emsize, uniform_init(0.1))
     kernel = kernel.astype(dtype)
     if targets is None:
-      log_p = mixture_log_probs(latent.reshape(steps * batch, self.n_experts, -1),
-                                prior_logits.reshape(steps * batch, -1), kernel, bias)
-      return jnp.swapaxes(log_p.reshape(steps, batch, -1), 0, 1), new_carry
+      return jnp.swapaxes(mixture_log_probs(latent, prior_logits, kernel, bias), 0, 1), new_carry
     nll = mixture_nll(latent, prior_logits, kernel, bias, targets.T,
                       chunk_steps(steps, batch, self.loss_chunk_rows))
     if weights is None:

@@ -87,10 +87,7 @@ class ONLSTMLayer(nn.Module):
     b_rec = self.param('recurrent_bias', linear_init(hidden), (columns,))
     # The official LinearDropConnect: unscaled in training, x (1 - p) at evaluation.
     w_rec = layers.drop_connect(self, w_rec, self.weight_drop, train, inverted=False).astype(dtype)
-    steps, batch = inputs.shape[:2]
-    projected = jnp.dot(inputs.reshape(steps * batch, -1).astype(dtype), w_in.astype(dtype),
-                        preferred_element_type=jnp.float32) + (b_in + b_rec)
-    projected = projected.reshape(steps, batch, columns)
+    projected = layers.project(inputs, w_in, dtype) + (b_in + b_rec)
 
     def step(carry, inputs_t):
       x_t, valid_t = inputs_t

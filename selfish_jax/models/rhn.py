@@ -69,9 +69,8 @@ class RHNLayer(nn.Module):
     kernels = [self.param(f'{RECURRENT_KERNEL}_{l}', recurrent_init,
                           (hidden, 2 * hidden)).astype(dtype) for l in range(self.depth)]
     biases = [self.param(f'bias_{l}', bias_init, (2 * hidden,)) for l in range(self.depth)]
-    steps, batch = inputs.shape[:2]
-    projected = jnp.dot(inputs.reshape(steps * batch, -1).astype(dtype), w_in.astype(dtype),
-                        preferred_element_type=jnp.float32).reshape(steps, batch, 2 * hidden)
+    batch = inputs.shape[1]
+    projected = layers.project(inputs, w_in, dtype)
     if self.init_scheme == 'selfish_rnn':  # nn.Linear W has a bias of its own
       projected = projected + self.param('input_bias', linear_init(fan_in), (2 * hidden,))
     if train and self.dropout_hidden > 0:

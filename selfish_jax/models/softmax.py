@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 def softmax_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array,
                 targets: jax.Array) -> jax.Array:
-  """Per-token ``-log softmax(features @ kernel + bias)[target]``.
+  """Per-token ``-log softmax(features @ kernel + bias)[target]`` of ``features
+  [..., H]`` and ``targets [...]`` (any leading axes, kept as they are).
 
   The target logit is computed from the gathered kernel columns rather than
   picked out of the ``[N, vocab]`` logits: differentiating a pick scatters
@@ -20,9 +21,9 @@ def softmax_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array,
   logits = jnp.dot(features, kernel, preferred_element_type=jnp.float32) + bias
   shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1)) + shift[..., 0]
-  target_columns = kernel.T[targets]
-  target_logits = jnp.sum(features.astype(jnp.float32) * target_columns.astype(jnp.float32),
-                          axis=-1) + bias[targets]
+  target_columns = jnp.take(kernel, targets, axis=1)  # [H, ...]
+  target_logits = jnp.einsum('...h,h...->...', features.astype(jnp.float32),
+                             target_columns.astype(jnp.float32)) + bias[targets]
   return log_normaliser - target_logits
 
 
@@ -46,7 +47,8 @@ def weighted_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
   each ``[rows, vocab]`` tile of logits, probabilities and their gradient stays
   in cache instead of streaming ``[T*B, vocab]`` buffers through memory six or
   more times, which is what bounds the 10,000-way softmax on a CPU. Chunks are
-  whole time steps, so a batch sharded over devices stays sharded the same way.
+  whole time steps with the batch kept as its own axis, so a batch sharded
+  over devices stays sharded and nothing is gathered.
   ``weights`` get no gradient.
   """
   return _plain_weighted_nll_sum(features, kernel, bias, targets, weights)
@@ -54,38 +56,39 @@ def weighted_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
 
 def _plain_weighted_nll_sum(features, kernel, bias, targets, weights):
   """``sum(weights * nll)`` over time-major ``[T, B]`` tokens, differentiated by autodiff."""
-  return jnp.sum(weights * softmax_nll(features.reshape(targets.size, -1), kernel, bias,
-                                       targets.reshape(-1)).reshape(targets.shape))
+  return jnp.sum(weights * softmax_nll(features, kernel, bias, targets))
 
 
 def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_chunk):
-  steps, batch, hidden = features.shape
+  steps = targets.shape[0]
   if steps % steps_per_chunk:
     raise ValueError(f'{steps_per_chunk} steps per chunk do not divide {steps} steps')
-  num_chunks, rows = steps // steps_per_chunk, steps_per_chunk * batch
-  chunked = lambda a: a.reshape(num_chunks, rows, *a.shape[1:])  # a: [T * B, ...]
+  num_chunks = steps // steps_per_chunk
+  chunked = lambda a: a.reshape(num_chunks, steps_per_chunk, *a.shape[1:])  # a: [T, B, ...]
 
   def chunk(carry, inputs):
     d_kernel, d_bias = carry
-    x, y, w = inputs
-    logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
+    x, y, w = inputs  # [S, B, H], [S, B], [S, B]
+    logits = jnp.einsum('sbh,hv->sbv', x, kernel, preferred_element_type=jnp.float32) + bias
     shift = jnp.max(logits, axis=-1, keepdims=True)
     exp = jnp.exp(logits - shift)
     total = jnp.sum(exp, axis=-1)
-    target_logits = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
-    loss = jnp.sum(w * (jnp.log(total) + shift[:, 0] - target_logits))
-    d_logits = (exp * (w / total)[:, None]).at[jnp.arange(rows), y].add(-w)
+    target_logits = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    loss = jnp.sum(w * (jnp.log(total) + shift[..., 0] - target_logits))
+    # The target's -w as an element-wise select (fused with the line before),
+    # not a scatter, which XLA would gather over a sharded batch.
+    is_target = jnp.arange(kernel.shape[1]) == y[..., None]
+    d_logits = exp * (w / total)[..., None] - jnp.where(is_target, w[..., None], 0.0)
     # Contracting the kernel's vocabulary axis in place: no transposed copy.
-    d_x = jax.lax.dot_general(d_logits.astype(x.dtype), kernel, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    d_kernel = d_kernel + jnp.dot(x.T, d_logits.astype(x.dtype),
-                                  preferred_element_type=jnp.float32)
-    return (d_kernel, d_bias + jnp.sum(d_logits, axis=0)), (loss, d_x.astype(x.dtype))
+    d_x = jnp.einsum('sbv,hv->sbh', d_logits.astype(x.dtype), kernel,
+                     preferred_element_type=jnp.float32)
+    d_kernel = d_kernel + jnp.einsum('sbh,sbv->hv', x, d_logits.astype(x.dtype),
+                                     preferred_element_type=jnp.float32)
+    return (d_kernel, d_bias + jnp.sum(d_logits, axis=(0, 1))), (loss, d_x.astype(x.dtype))
 
   zeros = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
   (d_kernel, d_bias), (losses, d_features) = jax.lax.scan(
-      chunk, zeros, (chunked(features.reshape(steps * batch, hidden)),
-                     chunked(targets.reshape(-1)), chunked(weights.reshape(-1))))
+      chunk, zeros, (chunked(features), chunked(targets), chunked(weights)))
   grads = (d_features.reshape(features.shape), d_kernel.astype(kernel.dtype),
            d_bias.astype(bias.dtype))
   return jnp.sum(losses), grads
@@ -117,7 +120,6 @@ def softmax_output(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets: ja
                               chunk_steps(steps, batch, loss_chunk_rows))
     return _plain_weighted_nll_sum(x, kernel, bias, targets.T, weights)
   if targets is not None:
-    nll = softmax_nll(x.reshape(steps * batch, -1), kernel, bias, targets.T.reshape(-1))
-    return nll.reshape(steps, batch).T
+    return softmax_nll(x, kernel, bias, targets.T).T
   logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
   return jnp.swapaxes(logits, 0, 1)

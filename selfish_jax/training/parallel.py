@@ -48,6 +48,14 @@ def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), DATA_AXIS))
 
 
+def train_state_sharding(mesh: Mesh, state: PyTree) -> PyTree:
+  """Shardings of a train state: everything replicated but the recurrent carry,
+  which is split over the batch like the data."""
+  replicated_, batch = replicated(mesh), batch_sharding(mesh)
+  return jax.tree.map(lambda _: replicated_, state).replace(
+      carry=jax.tree.map(lambda _: batch, state.carry))
+
+
 def put(tree: PyTree, sharding: NamedSharding) -> PyTree:
   """Global arrays from host values present on every process (multi-host safe)."""
 

@@ -254,9 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = create_train_state(config, model, tx, method, init_key)
   if optim.can_average(state.opt_state) and config.asgd_start_epoch == 1:
     state = state.replace(opt_state=optim.start_averaging(state.opt_state))
-  # Everything replicated but the carry, which is split over the batch like the data.
-  state_sharding = jax.tree.map(lambda _: replicated, state).replace(
-      carry=jax.tree.map(lambda _: batch_sharded, state.carry))
+  state_sharding = parallel.train_state_sharding(mesh, state)
   state = jax.device_put(state, state_sharding)
   initial_carry = lambda: parallel.put(model.initial_carry(config.batch_size), batch_sharded)
 
