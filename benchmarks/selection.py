@@ -60,7 +60,7 @@ def time_update(update_leaf, params, masks) -> float:
 
 def main(argv):
   del argv
-  host.retain_freed_memory()
+  host.tune_for_backend()
   rng = np.random.default_rng(0)
   masks = {n: jnp.asarray(rng.random(s) < 0.33) for n, s in SHAPES.items()}
   params = {n: jnp.where(masks[n], jnp.asarray(rng.uniform(-0.1, 0.1, s), jnp.float32), 0.0)

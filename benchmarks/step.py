@@ -17,7 +17,7 @@ is compiled as the training loop compiles it, data parallel over
 ``all_gathers`` report what XLA made of it (``--parts=compile`` reports only
 those, without running). Like
 ``experiments.main`` it first keeps freed host memory for reuse
-(``selfish_jax.host``); ``--noretain_freed_memory`` measures without that.
+on CPU (``selfish_jax.host``); ``--noretain_freed_memory`` measures without that.
 """
 
 import json
@@ -163,7 +163,8 @@ def benchmark(config, parts=PARTS) -> dict:
   window = steps.Windows(jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
                          jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
                          jnp.asarray(weights))
-  model = models.build_model(config, vocab)
+  devices = parallel.make_mesh(config.num_devices).devices.size
+  model = models.build_model(config, vocab, devices)
   tx = train.build_optimizer(config)
   method = train.build_method(config, steps_per_epoch=1000)
   state = train.create_train_state(config, model, tx, method, jax.random.key(config.seed))
@@ -191,11 +192,12 @@ def benchmark(config, parts=PARTS) -> dict:
 def main(argv):
   del argv
   if _RETAIN_FREED_MEMORY.value:
-    host.retain_freed_memory()
+    host.tune_for_backend()
   unknown = set(_PARTS.value) - set(PARTS)
   if unknown:
     raise app.UsageError(f'unknown --parts {sorted(unknown)}; expected some of {PARTS}')
-  print(json.dumps(benchmark(_CONFIG.value, tuple(_PARTS.value)), indent=1))
+  with jax.default_matmul_precision(_CONFIG.value.matmul_precision):
+    print(json.dumps(benchmark(_CONFIG.value, tuple(_PARTS.value)), indent=1))
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  host.retain_freed_memory()
+  host.tune_for_backend()
   from selfish_jax.training.classify import train_classifier
   final = train_classifier(_CONFIG.value, _WORKDIR.value)
   print(f"best held-out accuracy {final['best_accuracy']:.4f}, final "

@@ -3,6 +3,8 @@
 A problem the user can fix (an unknown flag or config key, a bad value, a
 missing or corrupt data file, a diverged run) is printed as one line
 ``error: ...`` on stderr and the program exits with status 1, no traceback.
+A preempted run (SIGTERM) saves its state, prints one line ``preempted: ...``
+and exits with status 143.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable, NoReturn
 
 from absl import app, flags
 
-from selfish_jax.errors import UserError
+from selfish_jax.errors import Preempted, UserError
 
 
 def fail(message: object) -> NoReturn:
@@ -56,5 +58,8 @@ def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None,
       main(argv)
     except UserError as e:
       fail(e)
+    except Preempted as e:  # the state is saved: one line, the scheduler's exit status
+      print(' '.join(str(e).split()), file=sys.stderr)
+      sys.exit(Preempted.exit_status)
 
   app.run(guarded, flags_parser=_flags_parser(config_flag))

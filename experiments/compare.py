@@ -212,7 +212,7 @@ def write_report(rows: list[dict], workdir: str) -> None:
 
 def main(argv):
   del argv
-  host.retain_freed_memory()  # XLA:CPU re-allocates its buffers every step
+  host.tune_for_backend()  # on CPU: XLA:CPU re-allocates its buffers every step
   base = _CONFIG.value
   workdir = _WORKDIR.value
   lrs = {k: float(v) for k, v in (item.split(':') for item in _LRS.value)}

@@ -29,11 +29,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  host.retain_freed_memory()  # XLA:CPU re-allocates its buffers every step
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  host.tune_for_backend()  # on CPU: XLA:CPU re-allocates its buffers every step
   from selfish_jax.training.train import train_and_evaluate  # after flags: faster --help
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -22,6 +22,7 @@ DATASETS = (*corpus.KNOWN_CORPORA, corpus.TEXT_DIRECTORY)
 SPARSE_INITS = masks.SPARSE_INITS
 GROWTH_MODES = topology.GROWTH_MODES
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+MATMUL_PRECISIONS = ('highest', 'high', 'default')
 
 
 def add_optimizer_keys(c: ml_collections.ConfigDict) -> None:
@@ -88,9 +89,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.n_experts = 15  # awd_lstm_mos: softmaxes in the mixture
   c.dropout_latent = 0.0  # awd_lstm_mos: locked, on the experts' latent vectors
   c.compute_dtype = 'float32'
-  # Rows per chunk of the fused softmax-loss gradient (0: plain autodiff). About
-  # 128 rows keep a 10,000-word tile of logits in a CPU's cache.
+  # Rows per device per chunk of the fused softmax-loss gradient (0: plain
+  # autodiff). About 128 rows keep a 10,000-word tile of logits in a CPU's cache.
   c.loss_chunk_rows = 128
+  # Precision of float32 matrix products (jax.default_matmul_precision):
+  # 'highest' computes them in float32 on every backend, as the reference's
+  # PyTorch does; 'high' and 'default' let TPUs use 3 or 1 bfloat16 passes and
+  # recent NVIDIA GPUs TF32 (faster; can move the perplexities). No effect on CPU.
+  c.matmul_precision = 'highest'
   # Optimisation (SNT-ASGD).
   c.seed = 1111
   c.batch_size = 20
@@ -142,6 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, 'model', MODELS)
   validate_sparse_training(config)
   _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
+  _check_choice(config, 'matmul_precision', MATMUL_PRECISIONS)
   if not (isinstance(config.loss_chunk_rows, int) and config.loss_chunk_rows >= 0):
     raise ConfigError(f'loss_chunk_rows must be an integer >= 0, got {config.loss_chunk_rows!r}')
   for key in ('dropout', 'dropout_input', 'dropout_hidden', 'dropout_embedding',

@@ -20,3 +20,11 @@ class DataError(UserError, OSError):
 
 class TrainingDiverged(UserError, FloatingPointError):
   """The loss became NaN or inf; nothing from that point on was saved."""
+
+
+class Preempted(Exception):
+  """The job was asked to stop (SIGTERM: a TPU maintenance event, SLURM's
+  ``scancel``, a Kubernetes eviction); its state was saved at a training step
+  and running the same command again resumes from there."""
+
+  exit_status = 143  # 128 + SIGTERM, what schedulers expect of a terminated job

@@ -35,3 +35,16 @@ def retain_freed_memory(threshold_bytes: int = (1 << 31) - 1) -> bool:
   return (mallopt(_M_MMAP_THRESHOLD, threshold_bytes) == 1
           and mallopt(_M_TRIM_THRESHOLD, threshold_bytes) == 1
           and mallopt(_M_ARENA_MAX, 1) == 1)
+
+
+def tune_for_backend(backend: str | None = None) -> bool:
+  """The host settings of the backend the arrays live on: on CPU,
+  :func:`retain_freed_memory` (the step's buffers are host memory); on GPU and
+  TPU hosts nothing (the step's buffers live on the device, and one malloc
+  arena would only serialise the host's input threads). ``backend`` defaults
+  to ``jax.default_backend()``; call it after ``jax.distributed.initialize``.
+  Returns whether anything was changed."""
+  if backend is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    backend = jax.default_backend()
+  return backend == 'cpu' and retain_freed_memory()

@@ -112,3 +112,29 @@ def test_data_parallel_step_divides_the_work_of_every_family(loss_chunk_rows):
     assert one['all_gathers'] == 0 and two['all_gathers'] == 0, (model, by_devices)
     # Half, plus the replicated optimizer update and topology bookkeeping.
     assert 0.45 < two['gflop_per_device'] / one['gflop_per_device'] < 0.6, (model, by_devices)
+
+
+@pytest.mark.parametrize('precision', ['highest', 'default'])
+def test_the_train_step_is_traced_under_the_configured_matmul_precision(
+    precision, text_corpus_dir, tmp_path, monkeypatch):
+  import jax
+  from conftest import make_tiny_config
+  from selfish_jax.training import steps, train
+  seen = []
+  real_make_grad_fn = steps.make_grad_fn
+
+  def recording_make_grad_fn(*args, **kwargs):
+    grad_fn = real_make_grad_fn(*args, **kwargs)
+
+    def traced(*a):
+      seen.append(jax.config.jax_default_matmul_precision)  # at trace time
+      return grad_fn(*a)
+
+    return traced
+
+  monkeypatch.setattr(steps, 'make_grad_fn', recording_make_grad_fn)
+  config = make_tiny_config(text_corpus_dir, dataset='text')
+  config.update(num_epochs=1, max_steps_per_epoch=2, eval_batch_size=16,
+                matmul_precision=precision)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert seen and set(seen) == {precision}

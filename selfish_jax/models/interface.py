@@ -63,10 +63,12 @@ class Family:
   check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
 
 
-def _common(config: ml_collections.ConfigDict) -> dict:
+def _common(config: ml_collections.ConfigDict, num_devices: int) -> dict:
+  # The traced batch is the global one: loss_chunk_rows counts rows per device.
+  chunk_devices = 1 if config.gradient_groups else num_devices  # (groups see local rows)
   return dict(emsize=config.emsize, nhid=config.nhid, tied=config.tied, dropout=config.dropout,
               compute_dtype=jnp.dtype(config.compute_dtype),
-              loss_chunk_rows=config.loss_chunk_rows)
+              loss_chunk_rows=config.loss_chunk_rows * chunk_devices)
 
 
 _AWD_REGULARISERS = ('dropout_input', 'dropout_hidden', 'dropout_embedding', 'weight_drop',
@@ -150,11 +152,13 @@ def check_model_config(config: ml_collections.ConfigDict,
   FAMILIES[config.model].check(config)
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> LanguageModel:
-  """The ``config.model`` family with the config's sizes and regularisers."""
+def build_model(config: ml_collections.ConfigDict, vocab_size: int,
+                num_devices: int = 1) -> LanguageModel:
+  """The ``config.model`` family with the config's sizes and regularisers, for a
+  batch split over ``num_devices`` devices (the loss chunks' rows are per device)."""
   if config.model not in FAMILIES:
     raise ConfigError(f'unknown model {config.model!r}; expected one of {MODELS}')
-  return FAMILIES[config.model].build(config, vocab_size, _common(config))
+  return FAMILIES[config.model].build(config, vocab_size, _common(config, num_devices))
 
 
 def init_params(model: LanguageModel, key: jax.Array) -> PyTree:

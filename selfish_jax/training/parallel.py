@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from selfish_jax.errors import ConfigError
 
@@ -22,12 +22,21 @@ PyTree = Any
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D ``data`` mesh over the first ``num_devices`` devices (0 = all)."""
+  """A 1-D ``data`` mesh over the first ``num_devices`` devices (0 = all).
+
+  A multi-process run uses every device of every process (each process feeds
+  its own devices' rows): ``num_devices`` must then be 0 or the global count.
+  ``jax.make_mesh`` orders the devices for the interconnect (TPU slices).
+  """
   devices = jax.devices()
   if num_devices < 0 or num_devices > len(devices):
     raise ConfigError(f'num_devices={num_devices} but {len(devices)} device(s) are available')
+  if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+    raise ConfigError(f'num_devices={num_devices}, but a run of {jax.process_count()} processes '
+                      f'uses all {len(devices)} devices: leave num_devices at 0')
   chosen = devices[:num_devices] if num_devices else devices
-  return Mesh(np.array(chosen), (DATA_AXIS,))
+  return jax.make_mesh((len(chosen),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                       devices=chosen)
 
 
 def check_batch_divisible(mesh: Mesh, **batch_sizes: int) -> None:

@@ -26,9 +26,10 @@ import optax
 from selfish_jax import config as config_lib
 from selfish_jax import flops, models, optim, sparsity
 from selfish_jax.data import batchify, load_corpus
-from selfish_jax.errors import TrainingDiverged
+from selfish_jax.errors import Preempted, TrainingDiverged
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps
+from selfish_jax.training.preemption import PreemptionWatch
 from selfish_jax.training.checkpoint import Checkpoints
 from selfish_jax.training.metrics import MetricWriter, read_records
 
@@ -207,10 +208,20 @@ def _perplexity(loss: float) -> float:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, validates and tests as ``config`` says; resumes from ``workdir``.
 
+  Every program is traced under ``config.matmul_precision``.
+
   Returns:
     The final record: best validation and test perplexity, and more.
+
+  Raises:
+    Preempted: SIGTERM arrived; the state of the step it was noticed at is saved.
   """
   config_lib.validate(config)
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   corpus = load_corpus(config.dataset, config.data_dir, allow_download=config.download,
                        base_url=config.download_url or None)
   train_columns = batchify(corpus.train, config.batch_size)
@@ -244,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_windows = parallel.put(test_windows, parallel.batch_sharding(mesh, batch_axis=1)
                               if test_batch_size % mesh.devices.size == 0 else replicated)
 
-  model = models.build_model(config, corpus.vocab_size)
+  model = models.build_model(config, corpus.vocab_size, mesh.devices.size)
   tx = build_optimizer(config)
   root = jax.random.key(config.seed)
   # (A fourth key once drew the dropout of a separate gradient pass; the split
@@ -340,97 +351,106 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     saved_step = int(state.step)
 
   step = int(state.step)  # kept on the host from here on: no device sync per step
-  while host.epoch <= config.num_epochs:
-    epoch = host.epoch
-    epoch_start = time.time()
-    if host.window == 0:
-      state = state.replace(carry=initial_carry())
-    train_windows, lr_factors = epoch_windows(epoch)
-    window_tokens = train_windows.weights.sum(axis=(1, 2)).astype(int)  # real tokens a window
-    epoch_steps = train_windows.num_windows
-    if config.max_steps_per_epoch:
-      epoch_steps = min(epoch_steps, config.max_steps_per_epoch)
-    losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
-    epoch_tokens = 0
-    for index in range(host.window, epoch_steps):
-      window = parallel.put(train_windows[index], batch_sharded)
-      state, loss = train_step(state, window, dropout_key, lr_factors[index])
-      step += 1
-      interval_tokens += int(window_tokens[index])
-      epoch_tokens += int(window_tokens[index])
-      if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
-        state = change_topology(state, jax.random.fold_in(topology_key, state.step))
-      losses.append(loss)
-      unchecked.append((step, loss))
-      interval_steps += 1
-      host.window = index + 1
-      if host.window % config.log_every == 0 or host.window == epoch_steps:
-        check_losses()
-        mean_loss = float(jnp.mean(jnp.stack(losses)))
-        elapsed = time.time() - interval_start
-        record = {'step': int(state.step), 'epoch': epoch, 'loss': mean_loss,
-                  'ppl': _perplexity(mean_loss), 'ms_per_step': 1000 * elapsed / interval_steps,
-                  'tokens_per_s': interval_tokens / elapsed}
-        writer.write(record)
-        logging.info('| epoch %3d | %5d/%5d windows | loss %5.2f | ppl %8.2f | '
-                     '%6.1f ms/step | %6.0f tokens/s', epoch, host.window, epoch_steps,
-                     mean_loss, record['ppl'], record['ms_per_step'], record['tokens_per_s'])
-        losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
-      if (config.checkpoint_every_steps and host.window % config.checkpoint_every_steps == 0
-          and host.window < epoch_steps):
-        save_latest()
-    train_time = time.time() - epoch_start
+  # SIGTERM (TPU maintenance, scancel, eviction): save at a step and stop.
+  with PreemptionWatch() as preemption:
+    while host.epoch <= config.num_epochs:
+      epoch = host.epoch
+      epoch_start = time.time()
+      if host.window == 0:
+        state = state.replace(carry=initial_carry())
+      train_windows, lr_factors = epoch_windows(epoch)
+      window_tokens = train_windows.weights.sum(axis=(1, 2)).astype(int)  # real tokens a window
+      epoch_steps = train_windows.num_windows
+      if config.max_steps_per_epoch:
+        epoch_steps = min(epoch_steps, config.max_steps_per_epoch)
+      losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
+      epoch_tokens = 0
+      for index in range(host.window, epoch_steps):
+        window = parallel.put(train_windows[index], batch_sharded)
+        state, loss = train_step(state, window, dropout_key, lr_factors[index])
+        step += 1
+        interval_tokens += int(window_tokens[index])
+        epoch_tokens += int(window_tokens[index])
+        if method.updates_at(step, epoch_end=False):  # RigL, GMP: every ΔT steps
+          state = change_topology(state, jax.random.fold_in(topology_key, state.step))
+        losses.append(loss)
+        unchecked.append((step, loss))
+        interval_steps += 1
+        host.window = index + 1
+        if host.window % config.log_every == 0 or host.window == epoch_steps:
+          check_losses()
+          mean_loss = float(jnp.mean(jnp.stack(losses)))
+          elapsed = time.time() - interval_start
+          record = {'step': int(state.step), 'epoch': epoch, 'loss': mean_loss,
+                    'ppl': _perplexity(mean_loss), 'ms_per_step': 1000 * elapsed / interval_steps,
+                    'tokens_per_s': interval_tokens / elapsed}
+          writer.write(record)
+          logging.info('| epoch %3d | %5d/%5d windows | loss %5.2f | ppl %8.2f | '
+                       '%6.1f ms/step | %6.0f tokens/s', epoch, host.window, epoch_steps,
+                       mean_loss, record['ppl'], record['ms_per_step'], record['tokens_per_s'])
+          losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
+        if (config.checkpoint_every_steps and host.window % config.checkpoint_every_steps == 0
+            and host.window < epoch_steps):
+          save_latest()
+        if preemption.reached(step):
+          save_latest()
+          writer.close()
+          checkpoints.close()
+          raise Preempted(f'preempted: the state of step {step} (epoch {epoch}, window '
+                          f'{host.window} of {epoch_steps}) is saved in {workdir}; run the same '
+                          'command to resume')
+      train_time = time.time() - epoch_start
 
-    averaging = bool(optim.is_averaging(state.opt_state))
-    weights = eval_params(state.opt_state, state.params, state.masks)
-    val_loss = evaluate(weights, valid_windows)
-    if not math.isfinite(val_loss):
-      raise diverged('the validation loss', val_loss, int(state.step))
-    improved = val_loss < host.best_val_loss
-    if improved:
-      host.best_val_loss = val_loss
-      checkpoints.save_best(epoch, weights)
-    switched = False
-    if not averaging and optim.can_average(state.opt_state):
-      if optim.averaging_starts(epoch, host.val_losses, val_loss, config.nonmono,
-                                config.asgd_start_epoch):
-        state = state.replace(opt_state=optim.start_averaging(state.opt_state))
-        switched = True
-        logging.info('Switching to averaging (%s) after epoch %d.', config.optimizer, epoch)
-    if not averaging:
-      host.val_losses.append(val_loss)
-    moved = {}
-    if method.updates_at(step, epoch_end=True) and not switched:  # (fork() repeats this)
-      before = jax.device_get(state.masks)
-      state = change_topology(state, jax.random.fold_in(topology_key, epoch))
-      moved = sparsity.topology_distance(before, jax.device_get(state.masks))
-    restarted = averaging and epoch in config.asgd_restart_epochs
-    if restarted:
-      state = state.replace(opt_state=optim.restart_averaging(state.opt_state))
-      logging.info('Averaging starts over after epoch %d.', epoch)
-    fields = mask_fields(state)
-    record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
-              'val_ppl': _perplexity(val_loss),
-              'optimizer': 'asgd' if averaging else 'sgd', **method_rates(method, state.step),
-              'epoch_time_s': time.time() - epoch_start,
-              # Of this session's part of the epoch (all of it unless resumed mid-epoch).
-              'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
-              **fields, 'topology_distance': moved,  # per matrix, this epoch's update
-              'averaging_restarted': restarted}
-    writer.write(record)
-    logging.info('| end of epoch %3d | %6.1fs | valid loss %5.2f | valid ppl %8.2f | %s | '
-                 'density %.4f | ITOP %.4f%s%s', epoch, record['epoch_time_s'], val_loss,
-                 record['val_ppl'], record['optimizer'], fields['density'], fields['itop_rate'],
-                 ''.join(f' | {k.replace("_", " ")} {v:.4f}'
-                         for k, v in method_rates(method, state.step).items()),
-                 ' | best' if improved else '')
-    for name, gates in fields['gate_density'].items():
-      logging.info('    gate density %s: %s', name,
-                   ' '.join(f'{g}={d:.3f}' for g, d in gates.items()))
-    host.epoch, host.window = epoch + 1, 0
-    save_latest()
-    if switched:
-      checkpoints.save_switch(int(state.step), state, host.to_json())
+      averaging = bool(optim.is_averaging(state.opt_state))
+      weights = eval_params(state.opt_state, state.params, state.masks)
+      val_loss = evaluate(weights, valid_windows)
+      if not math.isfinite(val_loss):
+        raise diverged('the validation loss', val_loss, int(state.step))
+      improved = val_loss < host.best_val_loss
+      if improved:
+        host.best_val_loss = val_loss
+        checkpoints.save_best(epoch, weights)
+      switched = False
+      if not averaging and optim.can_average(state.opt_state):
+        if optim.averaging_starts(epoch, host.val_losses, val_loss, config.nonmono,
+                                  config.asgd_start_epoch):
+          state = state.replace(opt_state=optim.start_averaging(state.opt_state))
+          switched = True
+          logging.info('Switching to averaging (%s) after epoch %d.', config.optimizer, epoch)
+      if not averaging:
+        host.val_losses.append(val_loss)
+      moved = {}
+      if method.updates_at(step, epoch_end=True) and not switched:  # (fork() repeats this)
+        before = jax.device_get(state.masks)
+        state = change_topology(state, jax.random.fold_in(topology_key, epoch))
+        moved = sparsity.topology_distance(before, jax.device_get(state.masks))
+      restarted = averaging and epoch in config.asgd_restart_epochs
+      if restarted:
+        state = state.replace(opt_state=optim.restart_averaging(state.opt_state))
+        logging.info('Averaging starts over after epoch %d.', epoch)
+      fields = mask_fields(state)
+      record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
+                'val_ppl': _perplexity(val_loss),
+                'optimizer': 'asgd' if averaging else 'sgd', **method_rates(method, state.step),
+                'epoch_time_s': time.time() - epoch_start,
+                # Of this session's part of the epoch (all of it unless resumed mid-epoch).
+                'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
+                **fields, 'topology_distance': moved,  # per matrix, this epoch's update
+                'averaging_restarted': restarted}
+      writer.write(record)
+      logging.info('| end of epoch %3d | %6.1fs | valid loss %5.2f | valid ppl %8.2f | %s | '
+                   'density %.4f | ITOP %.4f%s%s', epoch, record['epoch_time_s'], val_loss,
+                   record['val_ppl'], record['optimizer'], fields['density'], fields['itop_rate'],
+                   ''.join(f' | {k.replace("_", " ")} {v:.4f}'
+                           for k, v in method_rates(method, state.step).items()),
+                   ' | best' if improved else '')
+      for name, gates in fields['gate_density'].items():
+        logging.info('    gate density %s: %s', name,
+                     ' '.join(f'{g}={d:.3f}' for g, d in gates.items()))
+      host.epoch, host.window = epoch + 1, 0
+      save_latest()
+      if switched:
+        checkpoints.save_switch(int(state.step), state, host.to_json())
 
   best = checkpoints.restore_best(state.params)
   test_loss = float(evaluate_test(best if best is not None else state.params, test_windows))
