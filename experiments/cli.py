@@ -9,8 +9,10 @@ and exits with status 143.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import traceback
 from typing import Callable, NoReturn
 
 from absl import app, flags
@@ -21,6 +23,43 @@ from selfish_jax.errors import Preempted, UserError
 def fail(message: object) -> NoReturn:
   print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
   sys.exit(1)
+
+
+def fail_now(message: object) -> NoReturn:
+  """:func:`fail` without the interpreter's exit handlers: after another process
+  of a multi-process run died, JAX's shutdown barrier would wait out that
+  process's heartbeat timeout and then abort with pages of logs."""
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
+
+
+def run_distributed(train: Callable[[], object]) -> None:
+  """Runs ``train()`` in a multi-process run, where a process that fails must
+  end at once: the others then fail in their next collective instead of
+  waiting in it, and leave with one line too. A failed collective (another
+  process died or was killed) is reported as such; a user error as itself;
+  anything else with its traceback."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    train()
+  except UserError as e:
+    fail_now(e)
+  except Exception as e:  # pylint: disable=broad-except
+    text = str(e).strip()
+    if isinstance(e, jax.errors.JaxRuntimeError) or any(
+        marker in text for marker in _TRANSPORT_FAILURES):  # (orbax re-raises as ValueError)
+      first = text.splitlines()[0] if text else type(e).__name__
+      fail_now(f'process {jax.process_index()} of {jax.process_count()} stops: a collective '
+               f'with the other processes failed ({first}); the checkpoints in the workdir are '
+               'kept, start every process again to resume')
+    traceback.print_exc()
+    fail_now(f'process {jax.process_index()} of {jax.process_count()} failed (traceback above)')
+
+
+# What the collectives' transports say when a peer process has gone.
+_TRANSPORT_FAILURES = ('Gloo', 'NCCL', 'Connection reset by peer', 'Connection closed by peer',
+                       'heartbeat timeout')
 
 
 def _flags_parser(config_flag: flags.FlagHolder | None) -> Callable[[list[str]], list[str]]:

@@ -35,7 +35,10 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   host.tune_for_backend()  # on CPU: XLA:CPU re-allocates its buffers every step
   from selfish_jax.training.train import train_and_evaluate  # after flags: faster --help
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _DISTRIBUTED.value:
+    cli.run_distributed(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+  else:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -23,8 +23,9 @@ PyTree = Any
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
+  # A local folder is made absolute; an object-store URL (gs://...) stays as it is.
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
+      directory if '://' in directory else os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 from absl import logging
 import jax
@@ -27,6 +26,7 @@ from selfish_jax.data import documents as documents_lib
 from selfish_jax.errors import ConfigError, TrainingDiverged
 from selfish_jax.models.classifier import LSTMClassifier
 from selfish_jax.training import steps, train
+from selfish_jax.training import workdir as workdir_lib
 from selfish_jax.training.checkpoint import Checkpoints
 from selfish_jax.training.metrics import MetricWriter, read_records
 
@@ -160,14 +160,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return state.replace(params=params, masks=masks, method_state=method_state,
                          ever_active=union(state.ever_active, masks))
 
-  os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      train.check_resumable(json.load(f), config)
-  else:
-    with open(config_path, 'w') as f:
-      json.dump(config.to_dict(), f, indent=1)
+  workdir_lib.open_workdir(workdir, json.loads(json.dumps(config.to_dict())),
+                           lambda saved: train.check_resumable(saved, config))
   checkpoints = Checkpoints(workdir)
   writer = MetricWriter(workdir)
   host = {'epoch': 1, 'val_losses': [], 'best_accuracy': 0.0}

@@ -8,6 +8,8 @@ import numbers
 import os
 from typing import Any, Mapping
 
+from etils import epath
+
 try:  # TensorBoard event files are optional.
   from tensorboardX import SummaryWriter
 except ImportError:  # pragma: no cover
@@ -27,10 +29,10 @@ def _flatten(record: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
 
 def read_records(path: str) -> list[dict]:
   """All records of a ``metrics.jsonl`` file (empty if it does not exist)."""
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class MetricWriter:
@@ -42,31 +44,33 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
-    """``enabled=False`` (processes other than 0 of a multi-host run) writes nothing."""
+    """``enabled=False`` (processes other than 0 of a multi-host run) writes nothing.
+
+    TensorBoard event files are written for local workdirs; for an
+    object-store URL only ``metrics.jsonl`` is (through ``etils.epath``).
+    """
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      if tensorboard and SummaryWriter is not None:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      if tensorboard and SummaryWriter is not None and '://' not in workdir:
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
     if not self.enabled:
       return
     kept = [r for r in read_records(self.path) if r.get('step', 0) <= step]
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      for record in kept:
-        f.write(json.dumps(record) + '\n')
-    os.replace(tmp, self.path)
+    tmp = epath.Path(self.path + '.tmp')
+    tmp.write_text(''.join(json.dumps(record) + '\n' for record in kept))
+    tmp.replace(self.path)
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
              for k, v in record.items()}
-    with open(self.path, 'a') as f:
+    with epath.Path(self.path).open('a') as f:
       f.write(json.dumps(clean) + '\n')
     if self._tb is not None:
       step = int(record['step'])

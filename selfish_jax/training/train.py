@@ -29,6 +29,7 @@ from selfish_jax.data import batchify, load_corpus
 from selfish_jax.errors import Preempted, TrainingDiverged
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps
+from selfish_jax.training import workdir as workdir_lib
 from selfish_jax.training.preemption import PreemptionWatch
 from selfish_jax.training.checkpoint import Checkpoints
 from selfish_jax.training.metrics import MetricWriter, read_records
@@ -166,11 +167,9 @@ def fork(config, state, tx, method, change_topology, topology_key, mask_fields, 
   The source's metrics up to the fork are copied, so curves are complete.
   """
   source = config.fork_from
-  config_path = os.path.join(source, 'config.json')
-  if not os.path.exists(config_path):
+  source_config = workdir_lib.read_config(source)
+  if source_config is None:
     raise config_lib.ConfigError(f'cannot fork from {source}: no config.json (not a run)')
-  with open(config_path) as f:
-    source_config = json.load(f)
   check_forkable(source_config, config)
   source_tx = optim.make_optimizer(source_config['optimizer'], config.lr)
   source_checkpoints = Checkpoints(source)
@@ -297,14 +296,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return {'density': summary['density'], 'gate_density': summary['gate_density'],
             'itop_rate': itop['total'], 'itop_rate_per_matrix': itop['per_matrix']}
 
-  config_path = os.path.join(workdir, 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      check_resumable(json.load(f), config)
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(config_path, 'w') as f:
-      json.dump(config.to_dict(), f, indent=1)
+  workdir_lib.open_workdir(workdir, _as_saved(config), lambda saved: check_resumable(saved, config))
   checkpoints = Checkpoints(workdir)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   host = HostState()

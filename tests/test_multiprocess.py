@@ -1,0 +1,135 @@
+"""Multi-process runs through the CLI: two processes on 127.0.0.1 (one CPU device
+each, a shared workdir) against one process with two devices; kill -9 and
+resume; a process dying; processes that do not share the workdir."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from selfish_jax.training import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+TIMING = ('epoch_time_s', 'train_tokens_per_s', 'ms_per_step', 'tokens_per_s')
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _args(workdir, data_dir, steps=10):
+  return ['-m', 'experiments.main', '--config=experiments/configs/ptb_lstm_small.py',
+          f'--workdir={workdir}', '--config.dataset=text', f'--config.data_dir={data_dir}',
+          '--config.download=False', '--config.emsize=16', '--config.nhid=16',
+          '--config.batch_size=4', '--config.eval_batch_size=16', '--config.bptt=5',
+          '--config.lr=5', '--config.num_epochs=2', f'--config.max_steps_per_epoch={steps}',
+          '--config.log_every=1', '--config.checkpoint_every_steps=4']
+
+
+class Process:
+  """One process of a run, its stderr in a file (a pipe left unread would block it)."""
+
+  def __init__(self, args, log):
+    self.log = log
+    with open(log, 'w') as f:
+      self.popen = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+
+  def finish(self, timeout=600) -> tuple[int, str]:
+    """``(exit status, stderr)`` once it ends (within ``timeout`` seconds)."""
+    self.popen.wait(timeout=timeout)
+    return self.popen.returncode, open(self.log).read()
+
+
+def _start_processes(workdirs, data_dir, steps=10):
+  port = _free_port()
+  return [Process([sys.executable, *_args(workdir, data_dir, steps), '--distributed',
+                   f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                   f'--process_id={i}'], f'{workdir}.{i}.{port}.log')
+          for i, workdir in enumerate(workdirs)]
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMING}
+          for r in metrics_lib.read_records(str(workdir / 'metrics.jsonl'))]
+
+
+def _wait_for_step(workdir, step, processes, timeout=240):
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if metrics.exists() and any(r.get('step', 0) >= step
+                                for r in metrics_lib.read_records(str(metrics))):
+      return
+    assert all(p.popen.poll() is None for p in processes), 'a process ended early'
+    time.sleep(0.05)
+  raise TimeoutError(f'no step {step} in {timeout} s')
+
+
+@pytest.fixture(scope='module')
+def one_process_two_devices(text_corpus_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('single')
+  done = subprocess.run([sys.executable, *_args(workdir, text_corpus_dir)], cwd=ROOT,
+                        env={**ENV, 'XLA_FLAGS': ' '.join([  # the same compiler options as the
+                            ENV.get('XLA_FLAGS', ''),      # processes below, and 2 devices
+                            '--xla_force_host_platform_device_count=2'])},
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return _records(workdir)
+
+
+def test_two_processes_train_as_one_process_with_two_devices(one_process_two_devices,
+                                                             text_corpus_dir, tmp_path):
+  processes = _start_processes([tmp_path / 'run'] * 2, text_corpus_dir)
+  for p in processes:
+    status, stderr = p.finish()
+    assert status == 0, stderr[-3000:]
+  assert _records(tmp_path / 'run') == one_process_two_devices  # every loss, bit for bit
+  assert 'test_ppl' in one_process_two_devices[-1]
+
+
+def test_killed_processes_resume_to_the_same_run(one_process_two_devices, text_corpus_dir,
+                                                 tmp_path):
+  workdir = tmp_path / 'run'
+  processes = _start_processes([workdir] * 2, text_corpus_dir)
+  _wait_for_step(workdir, 15, processes)  # epoch 2, past its checkpoint at step 14
+  for p in processes:
+    p.popen.send_signal(signal.SIGKILL)
+    p.popen.wait()
+  processes = _start_processes([workdir] * 2, text_corpus_dir)
+  for p in processes:
+    status, stderr = p.finish()
+    assert status == 0, stderr[-3000:]
+  assert 'Resumed from' in stderr
+  final = _records(workdir)[-1]
+  assert final == one_process_two_devices[-1]
+
+
+def test_a_dying_process_stops_the_other_with_one_line(text_corpus_dir, tmp_path):
+  processes = _start_processes([tmp_path / 'run'] * 2, text_corpus_dir, steps=2000)
+  _wait_for_step(tmp_path / 'run', 20, processes)
+  processes[1].popen.send_signal(signal.SIGKILL)
+  killed = time.time()
+  status, stderr = processes[0].finish(timeout=120)
+  assert time.time() - killed < 60
+  assert status == 1, stderr[-3000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith('error: process 0 of 2 stops: a collective with the other processes '
+                         'failed'), stderr[-3000:]
+
+
+def test_processes_that_do_not_share_the_workdir_stop_with_one_line(text_corpus_dir, tmp_path):
+  # The same path on two hosts' own disks: here, two folders.
+  processes = _start_processes([tmp_path / 'host0', tmp_path / 'host1'], text_corpus_dir)
+  for p in processes:
+    status, stderr = p.finish(timeout=120)
+    assert status == 1, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: process(es) [1] do not see"), stderr[-3000:]
+    assert 'need one workdir on storage they all share' in stderr
