@@ -48,7 +48,6 @@ _PARTS = flags.DEFINE_list('parts', ['train', 'eval', 'topology'],
                            'the train step and reports its per-device GFLOP and all-gathers).')
 _RETAIN_FREED_MEMORY = flags.DEFINE_bool(
     'retain_freed_memory', True, 'Keep freed host memory for reuse (selfish_jax.host).')
-flags.mark_flags_as_required(['config'])
 
 
 def _block(tree):
@@ -72,6 +71,7 @@ def _time_train_step(config, model, tx, state, window) -> dict:
     times.append(time.perf_counter() - start)
   step_ms = np.array(times) * 1000
   p50 = float(np.percentile(step_ms, 50))
+  memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
   dense_masks = jax.tree.map(lambda _: None, state.params)
   steps_computed = window.inputs.size  # padded steps included
   flops = 3 * steps_computed * flops_lib.forward_flops_per_token(state.params, dense_masks,
@@ -83,6 +83,8 @@ def _time_train_step(config, model, tx, state, window) -> dict:
       'step_ms_p90': float(np.percentile(step_ms, 90)),
       'compile_s': compile_s,
       'devices': len(window.inputs.sharding.device_set),
+      'peak_memory_gb_per_device': (memory['peak_bytes_in_use'] / 2**30
+                                    if 'peak_bytes_in_use' in memory else None),
       **compiled_step_costs(compiled),
       'step_gflop': flops / 1e9,
       'gflops_per_s': flops / 1e9 / (p50 / 1000),
@@ -191,6 +193,8 @@ def benchmark(config, parts=PARTS) -> dict:
 
 def main(argv):
   del argv
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required')
   if _RETAIN_FREED_MEMORY.value:
     host.tune_for_backend()
   unknown = set(_PARTS.value) - set(PARTS)

@@ -35,3 +35,19 @@ def test_benchmark_times_only_the_asked_parts_of_any_family():
   assert figures['config']['model'] == 'onlstm'
   assert figures['density_after_topology_updates'] == pytest.approx(0.45, abs=1e-4)
   assert 'tokens_per_s' not in figures and 'eval_tokens_per_s' not in figures
+
+
+def test_paper_config_check_reports_every_config_and_dtype():
+  # The accelerator check at --small size: one JSON line per config and dtype, then a table.
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.paper_configs', '--small', '--configs=ptb_rhn',
+       '--dtypes=float32,bfloat16', '--steps=6', '--warmup=1'],
+      capture_output=True, text=True, check=True, timeout=300)
+  lines = result.stdout.strip().splitlines()
+  rows = [json.loads(line) for line in lines if line.startswith('{')]
+  assert [(r['config'], r['compute_dtype']) for r in rows] == [
+      ('ptb_rhn', 'float32'), ('ptb_rhn', 'bfloat16')]
+  for row in rows:
+    assert row['loss_last_timed_step'] < row['loss_first_timed_step'] - 0.1  # it trains
+    assert row['devices'] >= 1 and row['compile_s'] > 0 and row['tokens_per_s'] > 0
+  assert lines[-4].startswith('| config | dtype |') and lines[-1].startswith('| ptb_rhn | bfloat16 |')
