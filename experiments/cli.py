@@ -85,6 +85,36 @@ def _flags_parser(config_flag: flags.FlagHolder | None) -> Callable[[list[str]],
   return parse
 
 
+class DistributedFlags:
+  """The multi-process flags of a program that trains (``--distributed`` and
+  the coordinator's address, process count and id); define them once at import."""
+
+  def __init__(self):
+    self.enabled = flags.DEFINE_bool(
+        'distributed', False, 'Multi-host run (TPU pod slice, GPU cluster): call '
+        'jax.distributed.initialize(), which reads the coordinator, process count and id from '
+        'the environment on TPU/SLURM, or from the three flags below. Start the same command on '
+        'every host, with a workdir they all share.')
+    self.coordinator = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+    self.num_processes = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+    self.process_id = flags.DEFINE_integer('process_id', None, "This process's index.")
+
+  def run(self, train: Callable[[], object]) -> None:
+    """Starts the multi-process runtime if asked, tunes the host for the backend,
+    and runs ``train()`` (as :func:`run_distributed` does when distributed)."""
+    from selfish_jax import host  # pylint: disable=g-import-not-at-top
+    if not self.enabled.value:
+      host.tune_for_backend()
+      train()
+      return
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize(coordinator_address=self.coordinator.value,
+                               num_processes=self.num_processes.value,
+                               process_id=self.process_id.value)
+    host.tune_for_backend()
+    run_distributed(train)
+
+
 def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None, *,
         positional_args: bool = False) -> None:
   """``app.run(main)`` with one-line errors for bad flags and for every :class:`UserError`;

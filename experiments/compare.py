@@ -32,11 +32,12 @@ import json
 import os
 
 from absl import flags, logging
+import jax
 import numpy as np
 from ml_collections import config_flags
 
 from experiments import cli
-from selfish_jax import host, optim
+from selfish_jax import optim
 from selfish_jax.errors import UserError
 from selfish_jax.sparsity import methods as methods_lib
 from selfish_jax.training import metrics, train
@@ -54,6 +55,7 @@ _SHARE = flags.DEFINE_bool('share_identical', True,
 _FORK = flags.DEFINE_bool('fork_continuations', True,
                           'With asgd_start_epoch set, fork sgd/asgd cells from the snt_asgd '
                           'run at its switch.')
+_DISTRIBUTED = cli.DistributedFlags()
 _LRS = flags.DEFINE_list('lrs', ['momentum:2.0', 'adam:0.002'],
                          'Learning rates per optimizer (others use --config.lr).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -212,7 +214,10 @@ def write_report(rows: list[dict], workdir: str) -> None:
 
 def main(argv):
   del argv
-  host.tune_for_backend()  # on CPU: XLA:CPU re-allocates its buffers every step
+  _DISTRIBUTED.run(_sweep)
+
+
+def _sweep():
   base = _CONFIG.value
   workdir = _WORKDIR.value
   lrs = {k: float(v) for k, v in (item.split(':') for item in _LRS.value)}
@@ -236,8 +241,9 @@ def main(argv):
         for optimizer in order:
           run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value, _FORK.value)
   rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
-  write_report(rows, workdir)
-  print(open(os.path.join(workdir, 'results.md')).read())
+  if jax.process_index() == 0:
+    write_report(rows, workdir)
+    print(open(os.path.join(workdir, 'results.md')).read())
 
 
 if __name__ == '__main__':

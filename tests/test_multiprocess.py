@@ -133,3 +133,19 @@ def test_processes_that_do_not_share_the_workdir_stop_with_one_line(text_corpus_
     assert stderr.strip().splitlines()[-1].startswith(
         "error: process(es) [1] do not see"), stderr[-3000:]
     assert 'need one workdir on storage they all share' in stderr
+
+
+def test_a_sweep_runs_on_two_processes(one_process_two_devices, text_corpus_dir, tmp_path):
+  port = _free_port()
+  config_args = [a for a in _args(tmp_path, text_corpus_dir)[2:] if a.startswith('--config')]
+  processes = [Process([sys.executable, '-m', 'experiments.compare', *config_args,
+                        f'--workdir={tmp_path / "sweep"}', '--methods=selfish',
+                        '--optimizers=snt_asgd', '--distributed',
+                        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                        f'--process_id={i}'], f'{tmp_path}/sweep.{i}.log') for i in range(2)]
+  for p in processes:
+    status, stderr = p.finish()
+    assert status == 0, stderr[-3000:]
+  cell = tmp_path / 'sweep' / 'selfish-snt_asgd-seed1111'
+  assert _records(cell) == one_process_two_devices  # the sweep's cell is the same run
+  assert (tmp_path / 'sweep' / 'results.md').exists()
