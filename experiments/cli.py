@@ -103,15 +103,14 @@ class DistributedFlags:
     """Starts the multi-process runtime if asked, tunes the host for the backend,
     and runs ``train()`` (as :func:`run_distributed` does when distributed)."""
     from selfish_jax import host  # pylint: disable=g-import-not-at-top
+    host.tune_for_backend()  # on CPU: XLA:CPU re-allocates its buffers every step
     if not self.enabled.value:
-      host.tune_for_backend()
       train()
       return
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize(coordinator_address=self.coordinator.value,
                                num_processes=self.num_processes.value,
                                process_id=self.process_id.value)
-    host.tune_for_backend()
     run_distributed(train)
 
 

@@ -37,14 +37,23 @@ def retain_freed_memory(threshold_bytes: int = (1 << 31) - 1) -> bool:
           and mallopt(_M_ARENA_MAX, 1) == 1)
 
 
-def tune_for_backend(backend: str | None = None) -> bool:
-  """The host settings of the backend the arrays live on: on CPU,
+def tune_for_backend() -> bool:
+  """The host settings of the backend the arrays will live on: on CPU,
   :func:`retain_freed_memory` (the step's buffers are host memory); on GPU and
   TPU hosts nothing (the step's buffers live on the device, and one malloc
-  arena would only serialise the host's input threads). ``backend`` defaults
-  to ``jax.default_backend()``; call it after ``jax.distributed.initialize``.
-  Returns whether anything was changed."""
-  if backend is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    backend = jax.default_backend()
-  return backend == 'cpu' and retain_freed_memory()
+  arena would only serialise the host's input threads). Decided without
+  starting a backend (``JAX_PLATFORMS``, else whether any accelerator plugin
+  or libtpu is installed), so call it first thing. Returns whether anything
+  was changed."""
+  return _cpu_backend() and retain_freed_memory()
+
+
+def _cpu_backend() -> bool:
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  platforms = jax.config.jax_platforms
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return (not importlib.metadata.entry_points(group='jax_plugins')
+          and importlib.util.find_spec('libtpu') is None)
