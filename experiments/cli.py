@@ -9,6 +9,7 @@ and exits with status 143.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -16,8 +17,32 @@ import traceback
 from typing import Callable, NoReturn
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from selfish_jax.errors import Preempted, UserError
+
+
+_LIBRARY_LOGS = flags.DEFINE_bool(
+    'library_logs', False, "Also show other libraries' INFO lines (orbax's checkpointing, JAX's "
+    'backend discovery); their warnings and errors always show. absl --verbosity=1 shows all.')
+_OWN_CODE = tuple(os.sep + name + os.sep for name in ('selfish_jax', 'experiments', 'benchmarks'))
+
+
+class OwnInfoOnly(logging.Filter):
+  """Passes warnings and errors, and INFO lines from this project's own code:
+  a run's terminal shows the run, not orbax's bookkeeping."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or any(
+        part in record.pathname for part in _OWN_CODE)
+
+
+def quiet_library_info() -> None:
+  """Installs :class:`OwnInfoOnly` on absl's handler unless ``--library_logs`` or a
+  ``--verbosity`` above INFO asks for everything."""
+  if _LIBRARY_LOGS.value or absl_logging.get_verbosity() > absl_logging.INFO:
+    return
+  absl_logging.get_absl_handler().addFilter(OwnInfoOnly())
 
 
 def fail(message: object) -> NoReturn:
@@ -120,6 +145,7 @@ def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None,
   arguments other than flags are an error unless ``positional_args``."""
 
   def guarded(argv: list[str]) -> None:
+    quiet_library_info()
     if len(argv) > 1 and not positional_args:
       fail(f'unexpected arguments: {" ".join(argv[1:])}')
     try:

@@ -1,0 +1,32 @@
+"""What a run's terminal shows: its own lines, not other libraries' INFO chatter."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, data_dir, *flags):
+  return subprocess.run(
+      [sys.executable, '-m', 'experiments.main', '--config=experiments/configs/ptb_lstm_small.py',
+       f'--workdir={workdir}', '--config.dataset=text', f'--config.data_dir={data_dir}',
+       '--config.download=False', '--config.emsize=16', '--config.nhid=16',
+       '--config.num_epochs=1', '--config.max_steps_per_epoch=20', '--config.log_every=10',
+       *flags], cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True,
+      text=True, timeout=300)
+
+
+def test_a_run_prints_its_own_lines_only(text_corpus_dir, tmp_path):
+  done = _run(tmp_path / 'quiet', text_corpus_dir)
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = done.stderr.strip().splitlines()
+  assert not [l for l in lines if 'checkpoint' in l.split(']')[0]], lines  # orbax's modules
+  assert any('| epoch   1 |    10/   20 windows |' in l for l in lines)  # progress
+  assert any('| end of epoch   1 |' in l for l in lines)
+  assert any('| end of training | test loss' in l for l in lines)
+  assert all(' train.py:' in l.split(']')[0] for l in lines if l[:1] == 'I'), lines
+  # Asked for, the libraries' INFO lines are there.
+  done = _run(tmp_path / 'verbose', text_corpus_dir, '--library_logs')
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert any('checkpoint_manager.py' in l for l in done.stderr.splitlines())
