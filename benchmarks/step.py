@@ -34,6 +34,7 @@ from selfish_jax import config as config_lib
 from selfish_jax import flops as flops_lib
 from selfish_jax import host, models
 from selfish_jax import sparsity
+from selfish_jax.data import batching
 from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps, train
@@ -126,7 +127,7 @@ def compiled_step_costs(compiled) -> dict:
 
 
 def _time_evaluation(config, model, params, window) -> dict:
-  eval_windows = steps.Windows(*(jnp.stack([x[:config.eval_batch_size, :config.bptt]] * 10)
+  eval_windows = batching.Windows(*(jnp.stack([x[:config.eval_batch_size, :config.bptt]] * 10)
                                  for x in (window.inputs, window.targets, window.weights)))
   evaluate = jax.jit(steps.make_evaluate(model, eval_windows.inputs.shape[1]))
   _block(evaluate(params, eval_windows))
@@ -162,7 +163,7 @@ def benchmark(config, parts=PARTS) -> dict:
   shape = (config.batch_size, length)
   weights = np.zeros(shape, np.float32)
   weights[:, :config.bptt] = 1.0
-  window = steps.Windows(jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
+  window = batching.Windows(jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
                          jnp.asarray(rng.integers(0, vocab, shape), jnp.int32),
                          jnp.asarray(weights))
   devices = parallel.make_mesh(config.num_devices).devices.size

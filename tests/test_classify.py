@@ -188,4 +188,5 @@ def test_classify_cli_names_an_unknown_config_key(tmp_path):
                          '--config=experiments/configs/bbc_news_lstm.py',
                          f'--workdir={tmp_path}', '--config.hidden=3'],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert done.returncode != 0 and 'hidden' in done.stderr
+  assert done.returncode == 1 and 'Traceback' not in done.stderr
+  assert done.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'hidden'")

@@ -167,9 +167,8 @@ def test_tfds_builder_gives_the_same_corpus(shared_data_dir, tmp_path, ptb):
 
 
 def test_variable_bptt_windows_cover_the_stream_like_awd_lstm():
-  from selfish_jax.training import steps
   columns = batching.batchify(np.arange(4 * 2001, dtype=np.int32), 4)  # 2001 per column
-  windows, lr_factors = steps.make_variable_windows(columns, 20, 5, np.random.default_rng(0))
+  windows, lr_factors = batching.make_variable_windows(columns, 20, 5, np.random.default_rng(0))
   lengths = windows.weights[:, 0].sum(axis=1).astype(int)
   assert windows.inputs.shape[1:] == (4, 25)  # padded to bptt + max_delta
   assert lengths.sum() == 2000  # every target exactly once, in order
@@ -185,5 +184,5 @@ def test_variable_bptt_windows_cover_the_stream_like_awd_lstm():
   # Mostly N(20, 5), sometimes N(10, 5); the lr factor is the drawn length over bptt.
   np.testing.assert_allclose(lr_factors[:-1], lengths[:-1] / 20)
   assert 17 < lengths.mean() < 20 and np.mean(lengths < 12) < 0.15
-  again, _ = steps.make_variable_windows(columns, 20, 5, np.random.default_rng(0))
+  again, _ = batching.make_variable_windows(columns, 20, 5, np.random.default_rng(0))
   np.testing.assert_array_equal(again.inputs, windows.inputs)

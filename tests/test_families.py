@@ -426,8 +426,10 @@ def test_every_family_trains_with_every_method_and_optimizer(model, method, opti
     assert all(m is None for m in jax.tree.leaves(state.masks, is_leaf=lambda x: x is None))
     return
   before = sparsity.active_counts(state.masks)
-  assert sum(before.values()) == pytest.approx(
-      0.4 * sum(m.size for m in jax.tree.leaves(state.masks)), abs=len(before)) or method == 'gmp'
+  size = sum(m.size for m in jax.tree.leaves(state.masks))
+  # GMP starts dense and prunes; every other method starts at the density.
+  expected = size if method == 'gmp' else 0.4 * size
+  assert sum(before.values()) == pytest.approx(expected, abs=len(before))
   if method_.update is None:  # static
     return
   scores = train.growth_scores(method_, state)  # the last step's gradient, or momentum
@@ -442,7 +444,6 @@ def test_every_family_trains_with_every_method_and_optimizer(model, method, opti
   else:  # snfs, dsr: the total
     assert sum(after.values()) == sum(before.values())
   if method in ('selfish', 'set', 'rigl', 'snfs', 'dsr'):
-    assert sparsity.topology_distance(state.masks, masks)  # the topology moved
     assert any(d > 0 for d in sparsity.topology_distance(state.masks, masks).values())
   for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
     if m is not None:

@@ -11,12 +11,18 @@ from selfish_jax import sparsity
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import methods
 
-RNG = np.random.default_rng(0)
 
 
-def _problem(density=0.4):
+def _normal_like(tree, seed=1):
+  """Standard normal draws shaped like ``tree``, from a generator of the test's own."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), tree)
+
+
+def _problem(density=0.4, seed=0):
+  rng = np.random.default_rng(seed)
   shapes = {'a': (30, 40), 'b': (20, 64), 'bias': (64,)}
-  params = {k: jnp.asarray(RNG.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
+  params = {k: jnp.asarray(rng.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
   masks = sparsity.init_masks(jax.random.key(0), params, density)
   return sparsity.apply_masks(params, masks), masks
 
@@ -35,7 +41,7 @@ def test_per_matrix_methods_keep_every_count(name):
   params, masks = _problem()
   method = _make(name)
   before = {k: _count(masks[k]) for k in ('a', 'b')}
-  scores = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape).astype(np.float32)), params)
+  scores = _normal_like(params)
   update = jax.jit(method.update)
   for step in (10, 20, 30):
     params, masks, _ = update(params, masks, method.initial_state, jax.random.key(step), step,
@@ -47,7 +53,7 @@ def test_per_matrix_methods_keep_every_count(name):
 def test_rigl_grows_the_inactive_entries_with_largest_gradient():
   params, masks = _problem()
   method = _make('rigl')
-  grads = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape).astype(np.float32)), params)
+  grads = _normal_like(params)
   new_params, new_masks, _ = method.update(params, masks, {}, jax.random.key(1), 0, grads)
   w, m, g = (np.asarray(x['a']) for x in (params, masks, grads))
   k = math.ceil(0.5 * m.sum())  # drop fraction at step 0 is death_rate
@@ -68,7 +74,7 @@ def test_weights_regrown_where_they_were_removed_keep_their_values(name):
   # the final mask: active before and after keeps its value, newly grown is 0.
   params, masks = _problem(density=0.33)
   method = _make(name, death_rate=0.8, density=0.33, dsr_initial_threshold=0.5)
-  scores = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape).astype(np.float32)), params)
+  scores = _normal_like(params)
   new_params, new_masks, _ = jax.jit(method.update)(params, masks, method.initial_state,
                                                     jax.random.key(3), 0, scores)
   kept_back = 0
@@ -105,8 +111,9 @@ def test_snfs_splits_the_regrowth_budget_by_mean_momentum():
   params, masks = _problem()
   # Matrix 'a' has 3x the momentum of 'b' on its active weights.
   momentum = {'a': jnp.full((30, 40), 3.0), 'b': jnp.full((20, 64), 1.0), 'bias': jnp.zeros(64)}
-  momentum = jax.tree.map(lambda x: x * jnp.asarray(RNG.uniform(0.9, 1.1, x.shape), jnp.float32),
-                          momentum)
+  rng = np.random.default_rng(1)
+  momentum = jax.tree.map(
+      lambda x: x * jnp.asarray(rng.uniform(0.9, 1.1, x.shape), jnp.float32), momentum)
   method = _make('snfs')
   active = {k: _count(masks[k]) for k in ('a', 'b')}
   _, new_masks, _ = method.update(params, masks, {}, jax.random.key(0), 0, momentum)

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from selfish_jax.data import batching
 from selfish_jax.models import lstm, softmax
 from selfish_jax.training import steps
 
@@ -86,7 +87,7 @@ def test_lstm_cell_matches_the_pytorch_equations():
 def test_padding_the_last_window_changes_nothing():
   model, params = _model_and_params()
   columns = np.arange(2 * 24, dtype=np.int32).reshape(2, 24) % 50
-  windows = steps.make_windows(columns, 10)  # 3 windows: 10, 10, 3 real steps
+  windows = batching.make_windows(columns, 10)  # 3 windows: 10, 10, 3 real steps
   assert windows.num_windows == 3
   np.testing.assert_array_equal(windows.weights[2].sum(axis=1), [3, 3])
   evaluate = steps.make_evaluate(model, 2)

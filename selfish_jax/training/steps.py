@@ -8,11 +8,10 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from selfish_jax.data import batching
+from selfish_jax.data.batching import Windows
 from selfish_jax.models import layers
 from selfish_jax.training import parallel
 
@@ -42,68 +41,6 @@ class TrainState(flax.struct.PyTreeNode):
   method_state: PyTree
   ever_active: PyTree
   gradients: PyTree = None
-
-
-class Windows(flax.struct.PyTreeNode):
-  """All BPTT windows of a split, padded to ``bptt``: ``[num_windows, batch, bptt]``.
-
-  ``weights`` is 1 for real target tokens and 0 for padding; only the last
-  window is padded, and padding sits after the real tokens, so it changes
-  neither the loss nor the gradient of a causal model.
-  """
-  inputs: jax.Array
-  targets: jax.Array
-  weights: jax.Array
-
-  @property
-  def num_windows(self) -> int:
-    return self.inputs.shape[0]
-
-  def __getitem__(self, index) -> 'Windows':
-    return Windows(self.inputs[index], self.targets[index], self.weights[index])
-
-
-def make_windows(columns: np.ndarray, bptt: int) -> Windows:
-  """Cuts ``[batch, steps]`` columns into padded windows like the reference."""
-  n = batching.num_windows(columns, bptt)
-  batch = columns.shape[0]
-  inputs = np.zeros((n, batch, bptt), np.int32)
-  targets = np.zeros((n, batch, bptt), np.int32)
-  weights = np.zeros((n, batch, bptt), np.float32)
-  for index, x, y in batching.bptt_windows(columns, bptt):
-    length = x.shape[1]
-    inputs[index, :, :length] = x
-    targets[index, :, :length] = y
-    weights[index, :, :length] = 1.0
-  return Windows(inputs, targets, weights)
-
-
-def make_variable_windows(columns: np.ndarray, bptt: int, max_delta: int,
-                          rng: np.random.Generator) -> tuple[Windows, np.ndarray]:
-  """AWD-LSTM's variable-length BPTT windows of one epoch, and their lr factors.
-
-  Each window is ``bptt`` long with probability 0.95, else ``bptt / 2``, plus
-  ``N(0, 5)`` steps, then at least 5 and at most ``bptt + max_delta``; its lr
-  factor is that length over ``bptt`` (the last window keeps the factor of its
-  drawn length, as the reference does). Every window is padded to
-  ``bptt + max_delta`` steps, so one compiled step serves them all.
-  """
-  last = columns.shape[1] - 1
-  plan, start = [], 0
-  while start < last:
-    base = bptt if rng.random() < 0.95 else bptt / 2.0
-    length = min(max(5, int(rng.normal(base, 5))), bptt + max_delta)
-    plan.append((start, min(length, last - start), length / bptt))
-    start += length
-  batch, width = columns.shape[0], bptt + max_delta
-  inputs = np.zeros((len(plan), batch, width), np.int32)
-  targets = np.zeros((len(plan), batch, width), np.int32)
-  weights = np.zeros((len(plan), batch, width), np.float32)
-  for index, (start, length, _) in enumerate(plan):
-    inputs[index, :, :length] = columns[:, start:start + length]
-    targets[index, :, :length] = columns[:, start + 1:start + 1 + length]
-    weights[index, :, :length] = 1.0
-  return Windows(inputs, targets, weights), np.array([f for _, _, f in plan], np.float32)
 
 
 def window_loss(model: nn.Module, params: PyTree, carry: PyTree, window: Windows, *,

@@ -25,7 +25,7 @@ import optax
 
 from selfish_jax import config as config_lib
 from selfish_jax import flops, models, optim, sparsity
-from selfish_jax.data import batchify, load_corpus
+from selfish_jax.data import batchify, batching, load_corpus
 from selfish_jax.errors import Preempted, TrainingDiverged
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps
@@ -224,19 +224,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   corpus = load_corpus(config.dataset, config.data_dir, allow_download=config.download,
                        base_url=config.download_url or None)
   train_columns = batchify(corpus.train, config.batch_size)
-  fixed_windows = steps.make_windows(train_columns, config.bptt)
+  fixed_windows = batching.make_windows(train_columns, config.bptt)
 
-  def epoch_windows(epoch: int) -> tuple[steps.Windows, np.ndarray]:
+  def epoch_windows(epoch: int) -> tuple[batching.Windows, np.ndarray]:
     """The epoch's training windows and per-window lr factors (drawn from the
     seed and the epoch under variable BPTT, so a resumed epoch gets the same)."""
     if not config.variable_bptt:
       return fixed_windows, np.ones(fixed_windows.num_windows, np.float32)
-    return steps.make_variable_windows(train_columns, config.bptt, config.max_bptt_delta,
+    return batching.make_variable_windows(train_columns, config.bptt, config.max_bptt_delta,
                                        np.random.default_rng([config.seed, epoch]))
 
-  valid_windows = steps.make_windows(batchify(corpus.valid, config.eval_batch_size), config.bptt)
+  valid_windows = batching.make_windows(batchify(corpus.valid, config.eval_batch_size), config.bptt)
   test_batch_size = config.test_batch_size or config.eval_batch_size
-  test_windows = steps.make_windows(batchify(corpus.test, test_batch_size), config.bptt)
+  test_windows = batching.make_windows(batchify(corpus.test, test_batch_size), config.bptt)
   # Nominal: variable BPTT draws a few more (shorter) windows an epoch. The
   # method's schedules run over num_epochs x this many steps.
   steps_per_epoch = fixed_windows.num_windows
