@@ -25,6 +25,11 @@ from selfish_jax.errors import Preempted, UserError
 _LIBRARY_LOGS = flags.DEFINE_bool(
     'library_logs', False, "Also show other libraries' INFO lines (orbax's checkpointing, JAX's "
     'backend discovery); their warnings and errors always show. absl --verbosity=1 shows all.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache_dir', None, "JAX's persistent compilation cache: a second run, a resume "
+    'or the next sweep cell of the same shapes reuses the compiled programs. Default: '
+    '$JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/selfish_jax/jax_cache '
+    '(XDG_CACHE_HOME defaults to ~/.cache); an empty value turns it off.')
 _OWN_CODE = tuple(os.sep + name + os.sep for name in ('selfish_jax', 'experiments', 'benchmarks'))
 
 
@@ -43,6 +48,24 @@ def quiet_library_info() -> None:
   if _LIBRARY_LOGS.value or absl_logging.get_verbosity() > absl_logging.INFO:
     return
   absl_logging.get_absl_handler().addFilter(OwnInfoOnly())
+
+
+def compilation_cache_dir() -> str:
+  """Where compiled programs are kept ('' when off), from the flag or the environment."""
+  if _COMPILATION_CACHE.value is not None:
+    return os.path.expanduser(_COMPILATION_CACHE.value)
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return os.environ['JAX_COMPILATION_CACHE_DIR']
+  cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(cache_home, 'selfish_jax', 'jax_cache')
+
+
+def use_compilation_cache() -> None:
+  """Turns JAX's persistent compilation cache on at :func:`compilation_cache_dir`."""
+  directory = compilation_cache_dir()
+  if directory:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_compilation_cache_dir', directory)
 
 
 def fail(message: object) -> NoReturn:
@@ -146,6 +169,7 @@ def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None,
 
   def guarded(argv: list[str]) -> None:
     quiet_library_info()
+    use_compilation_cache()
     if len(argv) > 1 and not positional_args:
       fail(f'unexpected arguments: {" ".join(argv[1:])}')
     try:

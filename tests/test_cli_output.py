@@ -30,3 +30,23 @@ def test_a_run_prints_its_own_lines_only(text_corpus_dir, tmp_path):
   done = _run(tmp_path / 'verbose', text_corpus_dir, '--library_logs')
   assert done.returncode == 0, done.stderr[-2000:]
   assert any('checkpoint_manager.py' in l for l in done.stderr.splitlines())
+
+
+def test_compiled_programs_are_kept_under_the_cache_home_unless_turned_off(text_corpus_dir,
+                                                                          tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(PYTHONPATH=ROOT, XDG_CACHE_HOME=str(tmp_path / 'cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  args = [sys.executable, '-m', 'experiments.main',
+          '--config=experiments/configs/ptb_lstm_small.py', '--config.dataset=text',
+          f'--config.data_dir={text_corpus_dir}', '--config.download=False',
+          '--config.emsize=8', '--config.nhid=8', '--config.num_epochs=1',
+          '--config.max_steps_per_epoch=2']
+  done = subprocess.run([*args, f'--workdir={tmp_path / "a"}', '--compilation_cache_dir='],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert not (tmp_path / 'cache').exists()  # turned off
+  done = subprocess.run([*args, f'--workdir={tmp_path / "b"}'], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert len(os.listdir(tmp_path / 'cache' / 'selfish_jax' / 'jax_cache')) >= 3  # step, eval, ...
