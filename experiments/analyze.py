@@ -25,7 +25,7 @@ import os
 from absl import flags
 import numpy as np
 
-from experiments import cli
+from experiments import cli, plots
 from selfish_jax.errors import ConfigError
 from selfish_jax.training.metrics import read_records
 
@@ -74,7 +74,7 @@ def nnstd_matrix(runs: list[dict]) -> np.ndarray:
   return result
 
 
-def _plot_curves(runs, key, ylabel, path, log=False):
+def _plot_curves(runs, key, ylabel, title, path, log=False):
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(8, 5))
   for run in runs:
@@ -87,10 +87,11 @@ def _plot_curves(runs, key, ylabel, path, log=False):
     if averaging:
       ax.plot([r['epoch'] for r in averaging], [r[key] for r in averaging], '-',
               color=line.get_color())
-  ax.set_xlabel('epoch')
+  plots.epoch_axis(ax)
   ax.set_ylabel(ylabel)
+  ax.set_title(f'{title}\n(dashed: SGD phase; solid: averaging)', fontsize=9)
   if log:
-    ax.set_yscale('log')
+    plots.readable_log_scale(ax)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -111,9 +112,13 @@ def _plot_gate_densities(run, path):
       ax.plot([r['epoch'] for r in epochs], [r['gate_density'][matrix][gate] for r in epochs],
               label=gate)
     ax.set_title(matrix, fontsize=8)
+    plots.epoch_axis(ax, fontsize=7)
+    ax.set_ylabel('active share of the gate', fontsize=7)
     ax.legend(fontsize=6)
   for ax in list(axes.flat)[len(matrices):]:
     ax.axis('off')
+  fig.suptitle(f'{run["name"]}: density of each gate of each fused matrix per epoch '
+               '(cell-gate redistribution)', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -130,6 +135,7 @@ def _plot_heat_map(matrix, names, path):
     if np.isfinite(value):
       ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=7, color='w')
   fig.colorbar(image, label='NNSTD (mean over matrices)')
+  ax.set_title('Distance between final topologies (NNSTD: 0 the same, 1 unrelated)', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -171,8 +177,10 @@ def analyze(workdirs: list[str], out: str) -> dict:
       run['name'] = f"{run['name']}_{index + 1}"
     seen[run['name']] = run
   os.makedirs(out, exist_ok=True)
-  _plot_curves(runs, 'val_ppl', 'validation perplexity', os.path.join(out, 'val_ppl.png'), True)
+  _plot_curves(runs, 'val_ppl', 'validation perplexity', 'Validation perplexity per epoch',
+               os.path.join(out, 'val_ppl.png'), True)
   _plot_curves(runs, 'itop_rate', 'ITOP rate (ever active / maskable)',
+               'Share of the maskable weights active at some point so far (ITOP)',
                os.path.join(out, 'itop.png'))
   written = ['val_ppl.png', 'itop.png']
   for run in runs:

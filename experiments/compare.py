@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, plots
 from selfish_jax import optim
 from selfish_jax.errors import UserError
 from selfish_jax.sparsity import methods as methods_lib
@@ -203,9 +203,11 @@ def write_report(rows: list[dict], workdir: str) -> None:
       ax.plot(range(1, len(curve) + 1), curve, color=colors[i % len(colors)],
               linestyle='--' if r['optimizer'] == 'sgd' else '-',
               label=f"{r['method']}/{r['optimizer']}/{seed}")
-  ax.set_xlabel('epoch')
+  plots.epoch_axis(ax)
   ax.set_ylabel('validation perplexity')
-  ax.set_yscale('log')
+  ax.set_title('Validation perplexity per epoch, method/optimizer/seed '
+               '(dashed: sgd runs; solid: averaging optimizers)', fontsize=9)
+  plots.readable_log_scale(ax)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'val_ppl.png'), dpi=120)
