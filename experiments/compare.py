@@ -129,6 +129,17 @@ def run_cell(base, workdir, method, optimizer, seed, lrs, share: bool = True,
   return train.train_and_evaluate(config, path)
 
 
+def sweep_status(cells: list[tuple], results: dict, running: tuple | None) -> str:
+  """One line on where a sweep stands: cells done (with their test perplexity),
+  the one running, how many are left."""
+  done = ', '.join(f'{"/".join(map(str, cell))} {results[cell]["test_ppl"]:.2f}'
+                   for cell in cells if cell in results)
+  left = len(cells) - len(results) - (running is not None)
+  now = f'running {"/".join(map(str, running))}; ' if running else ''
+  return (f'sweep: {len(results)}/{len(cells)} cells done'
+          + (f' (test ppl: {done})' if done else '') + f'; {now}{left} left')
+
+
 def _mean_std(values):
   values = [v for v in values if v is not None]
   if not values:
@@ -238,10 +249,12 @@ def _sweep():
   if not _REPORT_ONLY.value:
     # SNT-ASGD first, so an SGD cell can find its finished twin.
     order = sorted(_OPTIMIZERS.value, key=lambda o: o != 'snt_asgd')
-    for seed in seeds:
-      for method in _METHODS.value:
-        for optimizer in order:
-          run_cell(base, workdir, method, optimizer, seed, lrs, _SHARE.value, _FORK.value)
+    cells = [(m, o, s) for s in seeds for m in _METHODS.value for o in order]
+    results = {}
+    for cell in cells:
+      logging.info('%s', sweep_status(cells, results, running=cell))
+      results[cell] = run_cell(base, workdir, *cell, lrs, _SHARE.value, _FORK.value)
+    logging.info('%s', sweep_status(cells, results, running=None))
   rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
   if jax.process_index() == 0:
     write_report(rows, workdir)

@@ -84,3 +84,12 @@ def test_continuations_fork_from_the_snt_asgd_run_at_its_switch(tmp_path, monkey
   trained.clear()
   compare.run_cell(base, str(tmp_path), 'set', 'sgd', 1, {})  # no switched twin: from scratch
   assert [c.fork_from for c in trained.values()] == ['']
+
+
+def test_sweep_status_says_what_is_done_running_and_left():
+  from experiments import compare
+  cells = [('dense', 'snt_asgd', 1), ('selfish', 'snt_asgd', 1), ('selfish', 'sgd', 1)]
+  assert compare.sweep_status(cells, {cells[0]: {'test_ppl': 119.944}}, cells[1]) == (
+      'sweep: 1/3 cells done (test ppl: dense/snt_asgd/1 119.94); running selfish/snt_asgd/1; '
+      '1 left')
+  assert compare.sweep_status(cells, {}, None) == 'sweep: 0/3 cells done; 3 left'
