@@ -27,7 +27,7 @@ import numpy as np
 
 from experiments import cli, plots
 from selfish_jax.errors import ConfigError
-from selfish_jax.training.metrics import read_records
+from selfish_jax.training import metrics
 
 _OUT = flags.DEFINE_string('out', None, 'Folder for the plots and summary.md.')
 flags.mark_flags_as_required(['out'])
@@ -40,10 +40,10 @@ def load_run(workdir: str) -> dict:
     raise ConfigError(f'no training run in {workdir} (it has no config.json)')
   with open(config_path) as f:
     config = json.load(f)
-  records = read_records(os.path.join(workdir, 'metrics.jsonl'))
+  records = metrics.read_records(workdir)
   return {'name': os.path.basename(os.path.normpath(workdir)), 'config': config,
-          'epochs': [r for r in records if 'val_ppl' in r],
-          'final': next((r for r in reversed(records) if 'test_ppl' in r), {}),
+          'epochs': [r for r in records if metrics.record_kind(r) == metrics.EPOCH],
+          'final': metrics.final_record(workdir) or {},
           'masks': _final_masks(workdir)}
 
 

@@ -75,14 +75,13 @@ def cell_config(base, method: str, optimizer: str, seed: int, lrs: dict):
 
 
 def finished(workdir: str) -> dict | None:
-  records = metrics.read_records(os.path.join(workdir, 'metrics.jsonl'))
-  return records[-1] if records and 'test_ppl' in records[-1] else None
+  return metrics.final_record(workdir)
 
 
 def _never_averaged(config, records: list[dict]) -> bool:
   """Whether averaging would have started in none of the run's epochs: neither
   at the fixed ``asgd_start_epoch`` nor by SNT-ASGD's trigger (replayed)."""
-  losses = [r['val_loss'] for r in records if 'val_loss' in r]
+  losses = [r['val_loss'] for r in records if metrics.record_kind(r) == metrics.EPOCH]
   if config.asgd_start_epoch and config.asgd_start_epoch <= len(losses):
     return False
   return not any(r.get('optimizer') == 'asgd' for r in records) and not any(
@@ -161,8 +160,7 @@ def collect(base, workdir, methods, optimizers, seeds, lrs, share: bool = True) 
         final = finished(path)
         if final is None:
           continue
-        epochs = [r for r in metrics.read_records(os.path.join(path, 'metrics.jsonl'))
-                  if 'val_ppl' in r]
+        epochs = metrics.read_records(path, metrics.EPOCH)
         runs.append({'seed': seed, 'final': final, 'val_ppl': [r['val_ppl'] for r in epochs],
                      'run': name})
       if not runs:

@@ -6,15 +6,14 @@ r"""Markdown table of validation perplexity per epoch for one or more workdirs.
 import os
 import sys
 
-from selfish_jax.training.metrics import read_records
+from selfish_jax.training import metrics
 
 
 def summarize(workdirs: list[str]) -> str:
   runs = {}
   for workdir in workdirs:
-    records = read_records(os.path.join(workdir, 'metrics.jsonl'))
-    epochs = {r['epoch']: r for r in records if 'val_ppl' in r}
-    final = next((r for r in reversed(records) if 'test_ppl' in r), {})
+    epochs = {r['epoch']: r for r in metrics.read_records(workdir, metrics.EPOCH)}
+    final = metrics.final_record(workdir) or {}
     runs[os.path.basename(os.path.normpath(workdir))] = (epochs, final)
   names = list(runs)
   last = max((max(e) for e, _ in runs.values() if e), default=0)

@@ -136,8 +136,7 @@ def _config(data_dir, **overrides):
 
 
 def _records(workdir):
-  return [r for r in metrics_lib.read_records(os.path.join(workdir, 'metrics.jsonl'))
-          if 'held_out_accuracy' in r]
+  return metrics_lib.read_records(str(workdir), metrics_lib.EPOCH)
 
 
 def test_sparse_classifier_learns_and_keeps_its_parameter_count(tmp_path):

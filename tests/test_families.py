@@ -471,6 +471,6 @@ def test_each_family_resumes_to_identical_results(model, text_corpus_dir, tmp_pa
                                                               'train_tokens_per_s')}
                     for r in metrics_lib.read_records(str(tmp_path / run / 'metrics.jsonl'))]
   assert records['resumed'] == records['straight']
-  epochs = [r for r in records['straight'] if 'val_ppl' in r]
+  epochs = [r for r in records['straight'] if r['kind'] == 'epoch']
   assert len(epochs) == 2 and epochs[1]['val_ppl'] < epochs[0]['val_ppl']
   assert len(epochs[0]['gate_density']) == FUSED_KERNELS[model]

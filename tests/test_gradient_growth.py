@@ -78,6 +78,6 @@ def test_gradient_growth_resumes_to_identical_results(method, text_corpus_dir, t
   assert train.train_and_evaluate(config, str(tmp_path / 'resumed')) == uninterrupted
   timing = ('epoch_time_s', 'train_tokens_per_s', 'ms_per_step', 'tokens_per_s')
   records = [[{k: v for k, v in r.items() if k not in timing}
-              for r in metrics_lib.read_records(str(tmp_path / run / 'metrics.jsonl'))
-              if 'val_loss' in r] for run in ('whole', 'resumed')]
+              for r in metrics_lib.read_records(str(tmp_path / run), metrics_lib.EPOCH)]
+             for run in ('whole', 'resumed')]
   assert records[0] == records[1] and len(records[0]) == 2

@@ -40,22 +40,23 @@ def test_device_counts_give_the_same_run_through_the_cli(text_corpus_dir, tmp_pa
                           cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs[n] = metrics.read_records(str(tmp_path / str(n) / 'metrics.jsonl'))
+    runs[n] = {kind: metrics.read_records(str(tmp_path / str(n)), kind)
+               for kind in metrics.KINDS}
   one = runs[1]
-  epochs = [r for r in one if 'val_loss' in r]
+  epochs = one['epoch']
   assert [r['optimizer'] for r in epochs] == ['sgd', 'sgd', 'asgd']
   assert all(d > 0 for d in epochs[0]['topology_distance'].values())  # moved after epoch 1
   assert len(epochs[0]['topology_distance']) == 6  # every masked matrix
   for n in (4,):
     other = runs[n]
-    np.testing.assert_allclose([r['loss'] for r in other if 'loss' in r],
-                               [r['loss'] for r in one if 'loss' in r], rtol=1e-5)
-    np.testing.assert_allclose([r['val_loss'] for r in other if 'val_loss' in r],
+    np.testing.assert_allclose([r['loss'] for r in other['train']],
+                               [r['loss'] for r in one['train']], rtol=1e-5)
+    np.testing.assert_allclose([r['val_loss'] for r in other['epoch']],
                                [r['val_loss'] for r in epochs], rtol=1e-5)
-    assert [r['topology_distance'] for r in other if 'val_loss' in r] == [
+    assert [r['topology_distance'] for r in other['epoch']] == [
         r['topology_distance'] for r in epochs]
-    assert other[-1]['test_ppl'] == pytest.approx(one[-1]['test_ppl'], rel=1e-4)
-    assert other[-1]['density'] == one[-1]['density']
+    assert other['final'][0]['test_ppl'] == pytest.approx(one['final'][0]['test_ppl'], rel=1e-4)
+    assert other['final'][0]['density'] == one['final'][0]['density']
 
 
 def test_batch_not_divisible_by_the_devices_is_refused(text_corpus_dir, tmp_path):

@@ -52,7 +52,7 @@ def test_test_batch_size_carries_one_state_through_the_test_text(text_corpus_dir
 
 
 def _epochs(workdir):
-  return [r for r in metrics_lib.read_records(str(workdir / 'metrics.jsonl')) if 'val_loss' in r]
+  return metrics_lib.read_records(str(workdir), metrics_lib.EPOCH)
 
 
 def test_averaging_restarts_at_the_given_epochs_and_resumes(text_corpus_dir, tmp_path,

@@ -20,8 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _epoch_records(workdir):
-  return [r for r in metrics_lib.read_records(os.path.join(workdir, 'metrics.jsonl'))
-          if 'val_ppl' in r]
+  return metrics_lib.read_records(workdir, metrics_lib.EPOCH)
 
 
 # One run several tests read and compare against: selfish with gradient growth,
@@ -43,7 +42,7 @@ def reference(shared_data_dir, tmp_path_factory):
 def test_selfish_training_learns_switches_and_keeps_density(reference):
   _, workdir, final = reference
   records = metrics_lib.read_records(str(workdir / 'metrics.jsonl'))
-  train_losses = [r['loss'] for r in records if 'loss' in r]
+  train_losses = [r['loss'] for r in metrics_lib.read_records(str(workdir), metrics_lib.TRAIN)]
   assert len(train_losses) == 15 and train_losses[-1] < train_losses[0] - 0.5  # loss goes down
   epochs = _epoch_records(str(workdir))
   assert [r['epoch'] for r in epochs] == [1, 2, 3]
@@ -53,7 +52,8 @@ def test_selfish_training_learns_switches_and_keeps_density(reference):
   assert set(epochs[0]['gate_density']) == {
       "['lstm_0']['input_kernel']", "['lstm_0']['recurrent_kernel']",
       "['lstm_1']['input_kernel']", "['lstm_1']['recurrent_kernel']"}
-  assert all('tokens_per_s' in r for r in records if 'loss' in r)
+  assert all('tokens_per_s' in r for r in metrics_lib.read_records(str(workdir), 'train'))
+  assert [metrics_lib.record_kind(r) for r in records].count('final') == 1
   assert final['test_ppl'] == records[-1]['test_ppl'] and final['test_ppl'] < 3000  # uniform: 10,000
   assert os.listdir(workdir / 'tensorboard')
 

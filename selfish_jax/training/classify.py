@@ -28,7 +28,8 @@ from selfish_jax.models.classifier import LSTMClassifier
 from selfish_jax.training import steps, train
 from selfish_jax.training import workdir as workdir_lib
 from selfish_jax.training.checkpoint import Checkpoints
-from selfish_jax.training.metrics import MetricWriter, read_records
+from selfish_jax.training import metrics
+from selfish_jax.training.metrics import MetricWriter
 
 
 POOLINGS = ('mean', 'last')
@@ -203,7 +204,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = change_topology(state, jax.random.fold_in(topology_key, epoch))
     host['best_accuracy'] = max(host['best_accuracy'], accuracy)
     summary = sparsity.summarize(state.masks, model.gate_layout)
-    record = {'step': step, 'epoch': epoch, 'loss': train_loss, 'held_out_loss': held_out_loss,
+    record = {'kind': metrics.EPOCH, 'step': step, 'epoch': epoch, 'loss': train_loss,
+              'held_out_loss': held_out_loss,
               'held_out_accuracy': accuracy, 'optimizer': 'asgd' if averaging else 'sgd',
               'density': summary['density'], 'gate_density': summary['gate_density'],
               'itop_rate': sparsity.itop_rate(state.ever_active)['total']}
@@ -213,12 +215,12 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  summary['density'])
     host['epoch'] = epoch + 1
     checkpoints.save_latest(step, state, host)
-  records = [r for r in read_records(writer.path) if 'held_out_accuracy' in r]
-  final = {'step': step, 'best_accuracy': host['best_accuracy'],
-           'final_accuracy': records[-1]['held_out_accuracy'] if records else None,
+  epochs = metrics.read_records(workdir, metrics.EPOCH)
+  final = {'kind': metrics.FINAL, 'step': step, 'best_accuracy': host['best_accuracy'],
+           'final_accuracy': epochs[-1]['held_out_accuracy'] if epochs else None,
            'density': sparsity.overall_density(state.masks),
            'params': sparsity.parameter_count(state.params, state.masks)}
-  if not records or 'best_accuracy' not in read_records(writer.path)[-1]:
+  if metrics.final_record(workdir) is None:  # a finished run started again adds none
     writer.write(final)
   writer.close()
   checkpoints.close()

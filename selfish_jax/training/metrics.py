@@ -27,12 +27,41 @@ def _flatten(record: Mapping[str, Any], prefix: str = '') -> dict[str, float]:
   return scalars
 
 
-def read_records(path: str) -> list[dict]:
-  """All records of a ``metrics.jsonl`` file (empty if it does not exist)."""
+# What a record is: a training interval's losses, an epoch's validation and
+# mask statistics, or the run's final (test) result.
+TRAIN, EPOCH, FINAL = 'train', 'epoch', 'final'
+KINDS = (TRAIN, EPOCH, FINAL)
+
+
+def record_kind(record: Mapping[str, Any]) -> str:
+  """``record['kind']``; for records written before kinds existed, what its keys say."""
+  if 'kind' in record:
+    return record['kind']
+  if 'test_ppl' in record or 'best_accuracy' in record:
+    return FINAL
+  if {'val_loss', 'val_ppl', 'held_out_loss'} & set(record):
+    return EPOCH
+  return TRAIN
+
+
+def read_records(path: str, kind: str | None = None) -> list[dict]:
+  """The records of a ``metrics.jsonl`` file or of the run folder holding it
+  (empty if there is none), all of them or those of one ``kind``."""
+  if kind is not None and kind not in KINDS:
+    raise ValueError(f'unknown record kind {kind!r}; expected one of {KINDS}')
   path = epath.Path(path)
+  if path.is_dir():
+    path = path / 'metrics.jsonl'
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in records if kind is None or record_kind(r) == kind]
+
+
+def final_record(path: str) -> dict | None:
+  """The run's final record (its test result), or None while it has none."""
+  finals = read_records(path, FINAL)
+  return finals[-1] if finals else None
 
 
 class MetricWriter:

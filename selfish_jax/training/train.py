@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -32,7 +31,8 @@ from selfish_jax.training import parallel, steps
 from selfish_jax.training import workdir as workdir_lib
 from selfish_jax.training.preemption import PreemptionWatch
 from selfish_jax.training.checkpoint import Checkpoints
-from selfish_jax.training.metrics import MetricWriter, read_records
+from selfish_jax.training import metrics
+from selfish_jax.training.metrics import MetricWriter
 
 PyTree = Any
 
@@ -182,7 +182,7 @@ def fork(config, state, tx, method, change_topology, topology_key, mask_fields, 
   state, host_json = restored
   host = HostState.from_json(host_json)
   state = state.replace(opt_state=tx.init(state.params))
-  records = [r for r in read_records(os.path.join(source, 'metrics.jsonl'))
+  records = [r for r in metrics.read_records(source)
              if r['step'] <= int(state.step)]
   epoch = host.epoch - 1  # the switching epoch, finished
   if optim.can_average(state.opt_state):
@@ -373,7 +373,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           check_losses()
           mean_loss = float(jnp.mean(jnp.stack(losses)))
           elapsed = time.time() - interval_start
-          record = {'step': int(state.step), 'epoch': epoch, 'loss': mean_loss,
+          record = {'kind': metrics.TRAIN, 'step': int(state.step), 'epoch': epoch,
+                    'loss': mean_loss,
                     'ppl': _perplexity(mean_loss), 'ms_per_step': 1000 * elapsed / interval_steps,
                     'tokens_per_s': interval_tokens / elapsed}
           writer.write(record)
@@ -421,7 +422,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         state = state.replace(opt_state=optim.restart_averaging(state.opt_state))
         logging.info('Averaging starts over after epoch %d.', epoch)
       fields = mask_fields(state)
-      record = {'step': int(state.step), 'epoch': epoch, 'val_loss': val_loss,
+      record = {'kind': metrics.EPOCH, 'step': int(state.step), 'epoch': epoch,
+                'val_loss': val_loss,
                 'val_ppl': _perplexity(val_loss),
                 'optimizer': 'asgd' if averaging else 'sgd', **method_rates(method, state.step),
                 'epoch_time_s': time.time() - epoch_start,
@@ -449,7 +451,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   dense_forward = flops.forward_flops_per_token(state.params, sparsity.dense_masks(state.params),
                                                 model.weight_uses)
   sparse_forward = flops.forward_flops_per_token(state.params, state.masks, model.weight_uses)
-  final = {'step': int(state.step), 'test_loss': test_loss, 'test_ppl': _perplexity(test_loss),
+  final = {'kind': metrics.FINAL, 'step': int(state.step), 'test_loss': test_loss,
+           'test_ppl': _perplexity(test_loss),
            'best_val_loss': host.best_val_loss, 'best_val_ppl': _perplexity(host.best_val_loss),
            'density': sparsity.overall_density(state.masks),
            'params': sparsity.parameter_count(state.params, state.masks),
