@@ -98,12 +98,13 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize('loss_chunk_rows', [40, 0])  # the fused, chunked loss and plain autodiff
-def test_data_parallel_step_divides_the_work_of_every_family(loss_chunk_rows):
+def test_data_parallel_step_divides_the_work_of_every_family():
   """On 2 devices each computes about half of one device's step, and no
   activation is gathered: the batch stays split from the input projection
-  to the loss, and only gradients are all-reduced."""
-  done = subprocess.run([sys.executable, '-c', _COSTS_SCRIPT, str(loss_chunk_rows)], cwd=ROOT,
+  to the loss (the default fused, chunked one), and only gradients are
+  all-reduced. (The plain-autodiff loss, loss_chunk_rows=0, measured the same
+  way: README, Devices and scale.)"""
+  done = subprocess.run([sys.executable, '-c', _COSTS_SCRIPT, '40'], cwd=ROOT,
                         env={**ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
