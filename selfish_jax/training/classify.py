@@ -10,7 +10,6 @@ run resumes from its last finished epoch.
 
 from __future__ import annotations
 
-import json
 import math
 
 from absl import logging
@@ -161,7 +160,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return state.replace(params=params, masks=masks, method_state=method_state,
                          ever_active=union(state.ever_active, masks))
 
-  workdir_lib.open_workdir(workdir, json.loads(json.dumps(config.to_dict())),
+  workdir_lib.open_workdir(workdir, workdir_lib.as_saved(config),
                            lambda saved: train.check_resumable(saved, config))
   checkpoints = Checkpoints(workdir)
   writer = MetricWriter(workdir)

@@ -10,7 +10,6 @@ After the last epoch the best weights are tested.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Any
@@ -66,14 +65,9 @@ RESUMABLE_CHANGES = frozenset({'data_dir', 'download', 'download_url', 'log_ever
 FORKABLE_OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd')
 
 
-def _as_saved(config: ml_collections.ConfigDict) -> dict:
-  """The config as ``config.json`` holds it (tuples become lists)."""
-  return json.loads(json.dumps(config.to_dict()))
-
-
 def check_forkable(source: dict, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError unless ``config`` may continue the run whose config is ``source``."""
-  current = _as_saved(config)
+  current = workdir_lib.as_saved(config)
   changed = sorted(k for k in set(source) | set(current)
                    if k not in RESUMABLE_CHANGES | {'optimizer', 'fork_from'}
                    and source.get(k) != current.get(k))
@@ -88,7 +82,7 @@ def check_forkable(source: dict, config: ml_collections.ConfigDict) -> None:
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError if ``config`` differs from a workdir's saved config in a key that matters."""
-  current = _as_saved(config)
+  current = workdir_lib.as_saved(config)
   changed = sorted(k for k in set(saved) | set(current)
                    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
   if changed:
@@ -296,7 +290,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return {'density': summary['density'], 'gate_density': summary['gate_density'],
             'itop_rate': itop['total'], 'itop_rate_per_matrix': itop['per_matrix']}
 
-  workdir_lib.open_workdir(workdir, _as_saved(config), lambda saved: check_resumable(saved, config))
+  workdir_lib.open_workdir(workdir, workdir_lib.as_saved(config),
+                           lambda saved: check_resumable(saved, config))
   checkpoints = Checkpoints(workdir)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   host = HostState()

@@ -17,12 +17,18 @@ from typing import Callable
 
 from etils import epath
 import jax
+import ml_collections
 from jax.experimental import multihost_utils
 import numpy as np
 
 from selfish_jax.errors import ConfigError
 
 CONFIG_FILE = 'config.json'
+
+
+def as_saved(config: ml_collections.ConfigDict) -> dict:
+  """``config`` as ``config.json`` holds it (tuples become lists), to compare with a saved one."""
+  return json.loads(json.dumps(config.to_dict()))
 
 
 def read_config(workdir: str | epath.PathLike) -> dict | None:
