@@ -68,8 +68,12 @@ def use_compilation_cache() -> None:
     jax.config.update('jax_compilation_cache_dir', directory)
 
 
+def _print_error(message: object) -> None:
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+
+
 def fail(message: object) -> NoReturn:
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  _print_error(message)
   sys.exit(1)
 
 
@@ -77,7 +81,7 @@ def fail_now(message: object) -> NoReturn:
   """:func:`fail` without the interpreter's exit handlers: after another process
   of a multi-process run died, JAX's shutdown barrier would wait out that
   process's heartbeat timeout and then abort with pages of logs."""
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+  _print_error(message)
   sys.stdout.flush()
   os._exit(1)
 
