@@ -17,14 +17,10 @@ by position. That is what the official code's ``momentum_growth`` reads too.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 import optax
 
 from selfish_jax.sparsity.masks import Masks, map_with_masks
-
-PyTree = Any
 
 
 def zero_inactive_state(inner: optax.GradientTransformation
