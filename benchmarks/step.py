@@ -38,6 +38,7 @@ from selfish_jax.data import batching
 from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.sparsity import methods
 from selfish_jax.training import parallel, steps, train
+from selfish_jax.training.core import SparseTraining
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _STEPS = flags.DEFINE_integer('steps', 60, 'Timed train steps (after warm-up).')
@@ -168,9 +169,9 @@ def benchmark(config, parts=PARTS) -> dict:
                          jnp.asarray(weights))
   devices = parallel.make_mesh(config.num_devices).devices.size
   model = models.build_model(config, vocab, devices)
-  tx = train.build_optimizer(config)
-  method = train.build_method(config, steps_per_epoch=1000)
-  state = train.create_train_state(config, model, tx, method, jax.random.key(config.seed))
+  core = SparseTraining.from_config(config, 1000, jax.random.key(0), model.gate_layout)
+  tx, method = core.tx, core.method
+  state = train.initial_state(core, model, config.batch_size, jax.random.key(config.seed))
   result = {
       'config': {k: config[k] for k in ('model', 'dataset', 'emsize', 'nhid', 'nlayers',
                                         'batch_size', 'bptt', 'variable_bptt', 'method',

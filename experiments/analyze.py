@@ -18,7 +18,6 @@ Writes into ``DIR``:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -48,12 +47,12 @@ def load_run(workdir: str) -> dict:
 
 
 def _final_masks(workdir: str):
-  steps = sorted(glob.glob(os.path.join(workdir, 'checkpoints', '*', 'state')),
-                 key=lambda p: int(os.path.basename(os.path.dirname(p))))
-  if not steps:
-    return None
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(os.path.abspath(steps[-1]))['masks']
+  from selfish_jax.training.checkpoint import Checkpoints
+  checkpoints = Checkpoints(workdir)
+  try:
+    return checkpoints.latest_masks()
+  finally:
+    checkpoints.close()
 
 
 def nnstd_matrix(runs: list[dict]) -> np.ndarray:

@@ -1,6 +1,7 @@
 """What a run's terminal shows: its own lines, not other libraries' INFO chatter."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -22,10 +23,12 @@ def test_a_run_prints_its_own_lines_only(text_corpus_dir, tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   lines = done.stderr.strip().splitlines()
   assert not [l for l in lines if 'checkpoint' in l.split(']')[0]], lines  # orbax's modules
-  assert any('| epoch   1 |    10/   20 windows |' in l for l in lines)  # progress
+  assert any('| epoch   1 |    10/   20 steps |' in l and 'epoch left' in l for l in lines)
   assert any('| end of epoch   1 |' in l for l in lines)
   assert any('| end of training | test loss' in l for l in lines)
-  assert all(' train.py:' in l.split(']')[0] for l in lines if l[:1] == 'I'), lines
+  assert all(re.search(r' (train|loop|core).py:', l.split(']')[0])
+             for l in lines if l[:1] == 'I'), lines
+  assert any('Start: lstm language model on text' in l and 'weights active' in l for l in lines)
   # Asked for, the libraries' INFO lines are there.
   done = _run(tmp_path / 'verbose', text_corpus_dir, '--library_logs')
   assert done.returncode == 0, done.stderr[-2000:]

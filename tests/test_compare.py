@@ -74,16 +74,16 @@ def test_continuations_fork_from_the_snt_asgd_run_at_its_switch(tmp_path, monkey
   (tmp_path / 'selfish-snt_asgd-seed1' / 'switch').mkdir(parents=True)
   trained = {}
   monkeypatch.setattr(compare.train, 'train_and_evaluate',
-                      lambda config, path: trained.setdefault(path, config) and {})
+                      lambda config, path, start: trained.setdefault(path, start) and {})
   for optimizer in ('sgd', 'asgd', 'momentum'):
     compare.run_cell(base, str(tmp_path), 'selfish', optimizer, 1, {})
-  forks = {path.rsplit('/', 1)[1]: config.fork_from for path, config in trained.items()}
+  forks = {path.rsplit('/', 1)[1]: start and start.source for path, start in trained.items()}
   source = str(tmp_path / 'selfish-snt_asgd-seed1')
   assert forks == {'selfish-sgd-seed1': source, 'selfish-asgd-seed1': source,
-                   'selfish-momentum-seed1': ''}
+                   'selfish-momentum-seed1': None}
   trained.clear()
   compare.run_cell(base, str(tmp_path), 'set', 'sgd', 1, {})  # no switched twin: from scratch
-  assert [c.fork_from for c in trained.values()] == ['']
+  assert list(trained.values()) == [None]
 
 
 def test_sweep_status_says_what_is_done_running_and_left():

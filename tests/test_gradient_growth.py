@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_tiny_config, run_until
 from selfish_jax.training import metrics as metrics_lib
-from selfish_jax.training import steps, train
+from selfish_jax.training import core, steps, train
 
 
 def _gradient_config(corpus_dir, method):
@@ -28,7 +28,7 @@ def test_update_scores_are_the_gradient_of_the_preceding_train_step(
   before computed on its own carry, window and dropout."""
   config = _gradient_config(text_corpus_dir, method)
   step_gradients, update_scores = {}, {}
-  real_make_train_step, real_build_method = steps.make_train_step, train.build_method
+  real_make_train_step, real_build_method = steps.make_train_step, core.build_method
 
   def recording_train_step(grad_fn, tx):
     train_step = real_make_train_step(grad_fn, tx)
@@ -53,7 +53,7 @@ def test_update_scores_are_the_gradient_of_the_preceding_train_step(
     return dataclasses.replace(method_, update=update)
 
   monkeypatch.setattr(steps, 'make_train_step', recording_train_step)
-  monkeypatch.setattr(train, 'build_method', recording_build_method)
+  monkeypatch.setattr(core, 'build_method', recording_build_method)
   train.train_and_evaluate(config, str(tmp_path))
   jax.effects_barrier()
   assert sorted(update_scores) == update_steps

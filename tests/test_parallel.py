@@ -78,15 +78,16 @@ from benchmarks import step as bench
 from experiments.configs import ptb_lstm_small, ptb_rhn_cpu, ptb_onlstm_cpu, wt2_awd_lstm_mos_cpu
 from selfish_jax import models
 from selfish_jax.training import steps, train
+from selfish_jax.training.core import SparseTraining
 import jax.numpy as jnp
 out = {}
 for module in (ptb_lstm_small, ptb_rhn_cpu, ptb_onlstm_cpu, wt2_awd_lstm_mos_cpu):
   config = module.get_config()
   config.update(emsize=40, nhid=40, batch_size=8, bptt=10, loss_chunk_rows=int(sys.argv[1]))
   model = models.build_model(config, 500)
-  tx = train.build_optimizer(config)
-  state = train.create_train_state(config, model, tx, train.build_method(config, 100),
-                                   jax.random.key(0))
+  core = SparseTraining.from_config(config, 100, jax.random.key(0), model.gate_layout)
+  tx = core.tx
+  state = train.initial_state(core, model, config.batch_size, jax.random.key(0))
   length = config.bptt + (config.max_bptt_delta if config.variable_bptt else 0)
   tokens = jax.random.randint(jax.random.key(1), (8, length), 0, 500)
   window = steps.Windows(tokens, tokens, jnp.ones((8, length)))

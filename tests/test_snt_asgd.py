@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from selfish_jax import optim
+from selfish_jax.training import core
 
 LR, WD, CLIP = 0.5, 0.01, 1.0
 
@@ -141,17 +142,17 @@ def test_composes_with_inject_hyperparams_and_chain():
     ([3.0, 2.0], 1.5, 0, False),
 ])
 def test_nonmonotone_trigger(losses, loss, nonmono, expected):
-  assert optim.nonmonotone_trigger(losses, loss, nonmono) is expected
+  assert core.nonmonotone_trigger(losses, loss, nonmono) is expected
 
 
 def test_averaging_starts_at_the_fixed_epoch_or_on_the_trigger():
   improving = [5.0, 4.0, 3.0, 2.0, 1.0, 0.9, 0.8]
   # start_epoch 8: the switch after epoch 7, so epoch 8 is the first averaged one.
-  assert [optim.averaging_starts(e, improving[:e - 1], improving[e - 1], 5, 8)
+  assert [core.averaging_starts(e, improving[:e - 1], improving[e - 1], 5, 8)
           for e in range(1, 8)] == [False] * 6 + [True]
-  assert optim.averaging_starts(1, [], 9.0, 5, 1)  # averaging from the start
-  assert not optim.averaging_starts(7, improving[:6], 0.8, 5)  # no fixed epoch, improving
-  assert optim.averaging_starts(7, improving[:6], 5.5, 5)  # the trigger alone
+  assert core.averaging_starts(1, [], 9.0, 5, 1)  # averaging from the start
+  assert not core.averaging_starts(7, improving[:6], 0.8, 5)  # no fixed epoch, improving
+  assert core.averaging_starts(7, improving[:6], 5.5, 5)  # the trigger alone
 
 
 @pytest.mark.parametrize('name,param_sized_buffers', [
@@ -234,10 +235,10 @@ def test_momentum_of_inactive_weights_is_zeroed_after_every_step():
     p = optax.apply_updates(p, updates)
     buf = np.where(m, mu * buf + g, 0.0).astype(np.float32)
     want_p = np.where(m, want_p - lr * buf, 0.0).astype(np.float32)
-    np.testing.assert_allclose(optim.momentum_of(state)['w'], buf, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(optim.first_moment('momentum', state)['w'], buf, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(p['w'], want_p, rtol=1e-6, atol=1e-7)
   # The regrown weight's first step used its gradient alone: no stale momentum.
-  assert float(optim.momentum_of(state)['w'][3]) == 0.0
+  assert float(optim.first_moment('momentum', state)['w'][3]) == 0.0
 
 
 def test_adam_moments_of_inactive_weights_are_zeroed():

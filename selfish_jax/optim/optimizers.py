@@ -2,10 +2,8 @@
 
 Every optimizer ends by re-masking its updates, so inactive weights stay zero
 (``momentum`` and ``adam`` zero their moments there too);
-only ``snt_asgd`` (:func:`~selfish_jax.optim.snt_asgd.sparse_averaging`) and
-``asgd`` (:func:`~selfish_jax.optim.snt_asgd.dense_averaging`) carry averaging
-state (the training loop applies the non-monotone trigger to it). The others
-carry no averaging buffers.
+only ``snt_asgd`` (sparse averaging) and ``asgd`` (dense averaging) carry
+averaging state, which the training loop switches on at the trigger.
 """
 
 from __future__ import annotations
@@ -15,14 +13,15 @@ from typing import Any
 import optax
 
 from selfish_jax.errors import ConfigError
+from selfish_jax.optim.chain import FIRST_MOMENT, sparse_sgd_chain
 from selfish_jax.optim.inactive_state import zero_inactive_state
-from selfish_jax.optim.snt_asgd import (asgd, clip_and_decay, masked, scale_by_lr_factor, sgd,
-                                        snt_asgd)
+from selfish_jax.optim.remask import remask
+from selfish_jax.optim.snt_asgd import asgd, sgd, snt_asgd
 
 OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd', 'momentum', 'adam')
-# Names under which optax states keep a first moment: optax.trace -> TraceState.trace,
-# optax.scale_by_adam -> ScaleByAdamState.mu.
-_MOMENTUM_FIELDS = ('trace', 'mu')
+# The first moment of each optimizer that keeps one, read from its chain stage
+# (optax.trace's TraceState.trace, optax.scale_by_adam's ScaleByAdamState.mu).
+_FIRST_MOMENT_OF = {'momentum': lambda stage: stage.trace, 'adam': lambda stage: stage.mu}
 
 
 def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
@@ -32,25 +31,21 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *,
   weight decay (``asgd``: dense averaging with one counter, the ablation of ``snt_asgd``)."""
   if name not in OPTIMIZERS:
     raise ConfigError(f'unknown optimizer {name!r}; expected one of {OPTIMIZERS}')
-  if name == 'snt_asgd':
-    return snt_asgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
-  if name == 'asgd':
-    return asgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
-  if name == 'sgd':
-    return sgd(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
-  base = (optax.trace(decay=momentum) if name == 'momentum'
-          else optax.scale_by_adam(b1=momentum))
+  if name in ('snt_asgd', 'asgd', 'sgd'):
+    return {'snt_asgd': snt_asgd, 'asgd': asgd, 'sgd': sgd}[name](
+        learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
+  moment = (optax.trace(decay=momentum) if name == 'momentum'
+            else optax.scale_by_adam(b1=momentum))
   # Moments of inactive weights are zeroed after every step (the reference's
   # apply_mask), so a regrown weight starts with none.
-  return zero_inactive_state(optax.chain(
-      *clip_and_decay(clip_norm, weight_decay), base, scale_by_lr_factor(),
-      optax.scale_by_learning_rate(learning_rate), masked()))
+  return zero_inactive_state(sparse_sgd_chain(
+      learning_rate, weight_decay=weight_decay, clip_norm=clip_norm, first_moment=moment,
+      last=remask()))
 
 
-def momentum_of(opt_state: optax.OptState) -> Any:
-  """The first-moment pytree of an optimizer state, found by field name, not type."""
-  for field in _MOMENTUM_FIELDS:
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, field)
-    if len(found) == 1:
-      return found[0][1]
-  raise ConfigError('this optimizer keeps no momentum (use optimizer momentum or adam)')
+def first_moment(name: str, opt_state: optax.OptState) -> Any:
+  """The first-moment pytree (what SNFS's momentum growth ranks) of the state of
+  ``make_optimizer(name, ...)``."""
+  if name not in _FIRST_MOMENT_OF:
+    raise ConfigError(f'optimizer {name!r} keeps no momentum (use optimizer momentum or adam)')
+  return _FIRST_MOMENT_OF[name](opt_state[FIRST_MOMENT])

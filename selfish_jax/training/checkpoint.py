@@ -5,8 +5,9 @@ masks, optimizer state with SNT-ASGD averages and counters, LSTM carry) and a
 JSON record of the loop's host state (epoch, position in the epoch, trigger
 history, best validation loss). ``WORKDIR/best/<epoch>`` holds the weights that
 scored best on validation (the averaged ones once SNT-ASGD is on), and
-``WORKDIR/switch/<step>`` the state and host state at the end of the epoch
-whose validation switched averaging on (what other optimizers fork from). Orbax writes
+``WORKDIR/switch/<step>`` the state, host state and best weights at the end
+of the epoch whose validation switched averaging on (what other optimizers
+fork from). Orbax writes
 into a temporary folder and renames it when complete, so an interrupted save
 never replaces a good checkpoint.
 """
@@ -52,12 +53,33 @@ class Checkpoints:
     """``(state, host_state)`` of the latest checkpoint, or None if there is none."""
     return _restore_state(self._latest, like)
 
-  def save_switch(self, step: int, state: PyTree, host_state: dict) -> None:
-    _save_state(self._switch, step, state, host_state)
+  def latest_masks(self) -> PyTree | None:
+    """The masks of the latest checkpoint, read without the model (nested dicts
+    of arrays, None for dense leaves), or None if there is no checkpoint."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    restored = self._latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    return restored['state']['masks']
 
-  def restore_switch(self, like: PyTree) -> tuple[PyTree, dict] | None:
-    """``(state, host_state)`` where averaging was switched on, or None."""
-    return _restore_state(self._switch, like)
+  def save_switch(self, step: int, state: PyTree, host_state: dict, best: PyTree) -> None:
+    """Saves where averaging switched on: the state, the host state, and the best
+    weights so far (a continuation's test must not miss an earlier best)."""
+    self._switch.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state),
+        best=ocp.args.StandardSave(best)), force=True)
+    self._switch.wait_until_finished()
+
+  def restore_switch(self, like: PyTree) -> tuple[PyTree, dict, PyTree] | None:
+    """``(state, host_state, best weights)`` where averaging was switched on, or None."""
+    step = self._switch.latest_step()
+    if step is None:
+      return None
+    restored = self._switch.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore(),
+        best=ocp.args.StandardRestore(_abstract(like.params))))
+    return restored['state'], restored['host'], restored['best']
 
   def save_best(self, epoch: int, weights: PyTree) -> None:
     self._best.save(epoch, args=ocp.args.StandardSave(weights), force=True)

@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from selfish_jax.data.batching import Windows
+from selfish_jax import models
 from selfish_jax.models import layers
 from selfish_jax.training import parallel
 
@@ -52,13 +53,14 @@ def window_loss(model: nn.Module, params: PyTree, carry: PyTree, window: Windows
   models without, and at evaluation).
   """
   if not train:
-    nll, carry = model.apply({'params': params}, window.inputs, carry, train=False,
-                             targets=window.targets, weights=window.weights)
+    nll, carry = models.weighted_nll_sum(model, params, window.inputs, carry, window.targets,
+                                         window.weights)
     return nll, jnp.float32(0.0), carry
-  (nll, carry), collections = model.apply(
-      {'params': params}, window.inputs, carry, train=True, targets=window.targets,
-      weights=window.weights, rngs={'dropout': key}, mutable=[layers.PENALTIES])
-  return nll, layers.total_penalty(collections), carry
+  (head, carry), collections = model.apply(
+      {'params': params}, window.inputs, carry, train=True, weights=window.weights,
+      rngs={'dropout': key}, mutable=[layers.PENALTIES])
+  return (head.weighted_nll_sum(window.targets, window.weights), layers.total_penalty(collections),
+          carry)
 
 
 GradFn = Callable[[PyTree, PyTree, Windows, jax.Array], tuple[jax.Array, PyTree, PyTree]]
