@@ -11,7 +11,6 @@ import ml_collections
 
 from selfish_jax import models, optim
 from selfish_jax.data import corpus
-from selfish_jax.models import rhn
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks, methods, topology
 
@@ -69,25 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.nlayers = 2
   c.dropout = 0.3  # lstm: everywhere (element-wise); others: locked, on the last output
   c.tied = False
-  # Family-specific (a value set away from its default is an error under a
-  # family that does not read it; see selfish_jax/models/interface.py).
-  c.dropout_input = 0.0  # rhn, onlstm, awd_lstm_mos: locked, on the embedded input
-  c.dropout_hidden = 0.0  # rhn: on s at every depth; onlstm, awd_lstm_mos: between layers
-  c.dropout_embedding = 0.0  # rhn, onlstm, awd_lstm_mos: whole words
-  c.weight_drop = 0.0  # onlstm, awd_lstm_mos: DropConnect on recurrent kernels
-  c.ar_alpha = 0.0  # onlstm, awd_lstm_mos: activation regularisation
-  c.tar_beta = 0.0  # onlstm, awd_lstm_mos: temporal activation regularisation
-  c.rhn_depth = 10  # rhn: highway micro-steps per token
-  # rhn: selfish_rnn (the official Selfish-RNN models.py: PyTorch nn.Linear
-  # defaults, embedding U(-0.1, 0.1)) | zilly (every weight U(-s, s) with
-  # s = rhn_init_scale, transform-gate bias rhn_transform_bias)
-  c.rhn_init = 'selfish_rnn'
-  c.rhn_transform_bias = rhn.ZILLY_TRANSFORM_BIAS  # rhn, rhn_init='zilly': transform-gate bias
-  c.rhn_init_scale = rhn.ZILLY_INIT_SCALE  # rhn, rhn_init='zilly': U(-s, s) for every weight
-  c.chunk_size = 10  # onlstm: units per master-gate level
-  c.nhid_last = 0  # awd_lstm_mos: last LSTM layer's size (0: emsize)
-  c.n_experts = 15  # awd_lstm_mos: softmaxes in the mixture
-  c.dropout_latent = 0.0  # awd_lstm_mos: locked, on the experts' latent vectors
+  # Each family's own keys, with its defaults and their meaning, are in its
+  # module's FAMILY (selfish_jax/models/{lstm,rhn,onlstm,mos}.py); a value set
+  # away from its default is an error under a family that does not read it.
+  for key, value in models.family_defaults().items():
+    c[key] = value
   c.compute_dtype = 'float32'
   # Rows per device per chunk of the fused softmax-loss gradient (0: plain
   # autodiff). About 128 rows keep a 10,000-word tile of logits in a CPU's cache.
@@ -111,10 +96,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.variable_bptt = False
   c.max_bptt_delta = 20
   add_optimizer_keys(c)
-  # A run's workdir to fork from: this run starts where that one switched
-  # averaging on, with its own optimizer (snt_asgd, asgd or sgd; the same
-  # config otherwise), instead of retraining the shared SGD prefix.
-  c.fork_from = ''
   c.num_epochs = 15
   c.max_steps_per_epoch = 0  # 0 = the whole training split each epoch
   add_sparsity_keys(c)
@@ -145,29 +126,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises :class:`ConfigError` naming the first bad or unknown value."""
   check_known_keys(config, default_config())
   _check_choice(config, 'dataset', DATASETS)
-  _check_choice(config, 'model', MODELS)
   validate_sparse_training(config)
   _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
   _check_choice(config, 'matmul_precision', MATMUL_PRECISIONS)
   if not (isinstance(config.loss_chunk_rows, int) and config.loss_chunk_rows >= 0):
     raise ConfigError(f'loss_chunk_rows must be an integer >= 0, got {config.loss_chunk_rows!r}')
-  for key in ('dropout', 'dropout_input', 'dropout_hidden', 'dropout_embedding',
-              'dropout_latent', 'weight_drop'):
-    if not 0.0 <= config[key] < 1.0:
-      raise ConfigError(f'{key} must be in [0, 1), got {config[key]!r}')
-  for key in ('ar_alpha', 'tar_beta'):
-    if config[key] < 0:
-      raise ConfigError(f'{key} must be >= 0, got {config[key]!r}')
+  if not 0.0 <= config.dropout < 1.0:
+    raise ConfigError(f'dropout must be in [0, 1), got {config.dropout!r}')
   for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
-              'num_epochs', 'log_every', 'rhn_depth', 'chunk_size', 'n_experts'):
+              'num_epochs', 'log_every'):
     _check_positive_int(config, key)
-  for key in ('nhid_last', 'max_bptt_delta', 'max_steps_per_epoch', 'checkpoint_every_steps',
+  for key in ('max_bptt_delta', 'max_steps_per_epoch', 'checkpoint_every_steps',
               'num_devices', 'gradient_groups', 'test_batch_size'):
     _check_positive_int(config, key, minimum=0)
   if config.gradient_groups and config.batch_size % config.gradient_groups:
     raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
                       f'gradient_groups={config.gradient_groups}')
-  models.check_model_config(config, default_config())
+  models.check_model_config(config)
   return config
 
 

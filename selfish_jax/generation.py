@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from selfish_jax import models
 from selfish_jax.models import LanguageModel
 
 PyTree = Any
@@ -23,14 +24,14 @@ def sample(model: LanguageModel, params: PyTree, prompt: jax.Array, key: jax.Arr
   ``temperature == 0`` takes the most likely token (greedy).
   """
   carry = model.initial_carry(1)
-  logits, carry = model.apply({'params': params}, prompt[None, :], carry, train=False)
+  logits, carry = models.logits(model, params, prompt[None, :], carry)
 
   def step(state, step_key):
     last_logits, carry = state
     greedy = jnp.argmax(last_logits).astype(jnp.int32)
     drawn = jax.random.categorical(step_key, last_logits / jnp.maximum(temperature, 1e-6))
     token = jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
-    logits, carry = model.apply({'params': params}, token[None, None], carry, train=False)
+    logits, carry = models.logits(model, params, token[None, None], carry)
     return (logits[0, -1], carry), token
 
   _, tokens = jax.lax.scan(step, (logits[0, -1], carry), jax.random.split(key, num_tokens))

@@ -18,6 +18,7 @@ from selfish_jax.models import layers
 from selfish_jax.errors import ConfigError
 from selfish_jax.training import metrics as metrics_lib
 from selfish_jax.training import steps, train
+from selfish_jax.training.core import SparseTraining, build_optimizer
 
 VOCAB = 40
 NEW_FAMILIES = ('rhn', 'onlstm', 'awd_lstm_mos')
@@ -146,15 +147,15 @@ def test_forward_and_gradient_match_an_independent_reference(model):
   targets = jax.random.randint(jax.random.key(2), (4, 6), 0, VOCAB)
   weights = jax.random.uniform(jax.random.key(3), (4, 6), minval=0.5)
   carry = net.initial_carry(4)
-  nll, _ = net.apply({'params': params}, tokens, carry, train=False, targets=targets)
+  nll, _ = models.token_nll(net, params, tokens, carry, targets)
   want, _ = REFERENCES[model](params, tokens, targets)
   np.testing.assert_allclose(nll, want, rtol=2e-5, atol=2e-5)
   assert float(jnp.mean(want)) == pytest.approx(math.log(VOCAB), rel=0.1)  # near uniform
-  logits, _ = net.apply({'params': params}, tokens, carry, train=False)
+  logits, _ = models.logits(net, params, tokens, carry)
   np.testing.assert_allclose(_nll(logits.reshape(-1, VOCAB), targets.reshape(-1)),
                              want.reshape(-1), rtol=2e-5, atol=2e-5)
-  ours = jax.grad(lambda p: net.apply({'params': p}, tokens, carry, train=False,
-                                      targets=targets, weights=weights)[0])(params)
+  ours = jax.grad(lambda p: models.weighted_nll_sum(net, p, tokens, carry, targets,
+                                                   weights)[0])(params)
   reference = jax.grad(lambda p: jnp.sum(weights * REFERENCES[model](p, tokens, targets)[0]))(
       params)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours)[0],
@@ -184,7 +185,7 @@ def test_activation_penalties_are_ar_and_tar_of_the_last_layer(model, ar_of, mon
 
   monkeypatch.setattr(layers, 'sow_activation_penalties', probing_sow)
   _, collections = net.apply({'params': params}, tokens, net.initial_carry(4), train=True,
-                             targets=tokens, weights=weights, rngs={'dropout': jax.random.key(0)},
+                             weights=weights, rngs={'dropout': jax.random.key(0)},
                              mutable=[layers.PENALTIES, 'probe'])
   penalty = float(layers.total_penalty(collections))
   ar_input = np.asarray(collections['probe']['ar_input'][0])
@@ -279,10 +280,9 @@ def test_padding_holds_the_state_of_every_family(model):
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, VOCAB)
   weights = jnp.ones((2, 6)).at[:, 4:].set(0.0)
   carry = net.initial_carry(2)
-  _, padded = net.apply({'params': params}, tokens, carry, train=False, targets=tokens,
-                        weights=weights)
-  _, short = net.apply({'params': params}, tokens[:, :4], carry, train=False,
-                       targets=tokens[:, :4], weights=weights[:, :4])
+  _, padded = models.weighted_nll_sum(net, params, tokens, carry, tokens, weights)
+  _, short = models.weighted_nll_sum(net, params, tokens[:, :4], carry, tokens[:, :4],
+                                     weights[:, :4])
   for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(short)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -396,7 +396,7 @@ def _train_step(model, optimizer, lr):
   config = _config(model, optimizer=optimizer, lr=lr)
   net = models.build_model(config, VOCAB)
   grad_fn = steps.make_grad_fn(net)
-  return net, grad_fn, jax.jit(steps.make_train_step(grad_fn, train.build_optimizer(config)))
+  return net, grad_fn, jax.jit(steps.make_train_step(grad_fn, build_optimizer(config)))
 
 
 PER_MATRIX = ('static', 'selfish', 'set', 'rigl')
@@ -411,9 +411,9 @@ def test_every_family_trains_with_every_method_and_optimizer(model, method, opti
   lr = {'momentum': 1.0, 'adam': 0.05}.get(optimizer, 5.0)
   config = _config(model, method=method, optimizer=optimizer, density=0.4, lr=lr)
   net, grad_fn, train_step = _train_step(model, optimizer, lr)
-  method_ = train.build_method(config, steps_per_epoch=4)
-  state = train.create_train_state(config, net, train.build_optimizer(config), method_,
-                                   jax.random.key(0))
+  core = SparseTraining.from_config(config, 4, jax.random.key(0), net.gate_layout)
+  method_ = core.method
+  state = train.initial_state(core, net, config.batch_size, jax.random.key(0))
   window = steps.Windows(jax.random.randint(jax.random.key(1), (4, 6), 0, VOCAB),
                          jax.random.randint(jax.random.key(2), (4, 6), 0, VOCAB),
                          jnp.ones((4, 6)))
@@ -432,7 +432,7 @@ def test_every_family_trains_with_every_method_and_optimizer(model, method, opti
   assert sum(before.values()) == pytest.approx(expected, abs=len(before))
   if method_.update is None:  # static
     return
-  scores = train.growth_scores(method_, state)  # the last step's gradient, or momentum
+  scores = core.growth_scores(state)  # the last step's gradient, or momentum
   assert (scores is None) == (method_.scores is None)
   params, masks, _ = jax.jit(method_.update)(state.params, state.masks, state.method_state,
                                              jax.random.key(5), jnp.int32(4), scores)
@@ -474,3 +474,56 @@ def test_each_family_resumes_to_identical_results(model, text_corpus_dir, tmp_pa
   epochs = [r for r in records['straight'] if r['kind'] == 'epoch']
   assert len(epochs) == 2 and epochs[1]['val_ppl'] < epochs[0]['val_ppl']
   assert len(epochs[0]['gate_density']) == FUSED_KERNELS[model]
+
+
+class _BigramLM(nn.Module):
+  """A fifth family in a few lines: each word predicts the next through one matrix."""
+  vocab_size: int
+  emsize: int
+  init_scale: float
+  nhid: int = 0
+  tied: bool = False
+  dropout: float = 0.0
+  compute_dtype: jnp.dtype = jnp.float32
+  loss_chunk_rows: int = 0
+
+  def initial_carry(self, batch_size):
+    return ()
+
+  def gate_layout(self, names, shape):
+    return None
+
+  def weight_uses(self, names):
+    return 0 if names[-1] == 'embedding' else 1
+
+  @nn.compact
+  def __call__(self, tokens, carry, *, train, weights=None):
+    init = nn.initializers.uniform(self.init_scale)
+    embedding = self.param('embedding', init, (self.vocab_size, self.emsize))
+    kernel = self.param('decoder_kernel', init, (self.emsize, self.vocab_size))
+    bias = self.param('decoder_bias', nn.initializers.zeros, (self.vocab_size,))
+    return models.SoftmaxHead(jnp.take(embedding, tokens.T, axis=0), kernel, bias,
+                              self.loss_chunk_rows), carry
+
+
+def test_a_fifth_family_is_its_module_and_its_family_entry(text_corpus_dir, tmp_path,
+                                                            monkeypatch):
+  """Registering a Family is all a new model takes: its key joins the config with
+  its default, other families refuse it, and the sparse training loop trains it."""
+  from conftest import make_tiny_config
+  from selfish_jax.models.family import Family
+  monkeypatch.setitem(models.FAMILIES, 'bigram', Family(
+      'bigram', {'bigram_init_scale': 0.1},
+      lambda config, vocab, common: _BigramLM(vocab_size=vocab,
+                                              init_scale=config.bigram_init_scale, **common)))
+  config = make_tiny_config(text_corpus_dir, dataset='text')
+  assert config.bigram_init_scale == 0.1
+  config.bigram_init_scale = 0.5
+  with pytest.raises(ConfigError, match=r"model 'lstm' does not use bigram_init_scale "
+                                        r'\(used by bigram\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'lstm'))
+  config.update(model='bigram', num_epochs=2, max_steps_per_epoch=30, lr=20.0)
+  final = train.train_and_evaluate(config, str(tmp_path / 'bigram'))
+  epochs = metrics_lib.read_records(str(tmp_path / 'bigram'), metrics_lib.EPOCH)
+  assert epochs[1]['val_ppl'] < epochs[0]['val_ppl'] < 41  # below uniform over 41 words
+  assert final['density'] == pytest.approx(0.33, abs=0.01)  # both matrices masked

@@ -27,13 +27,12 @@ def test_greedy_sampling_feeds_back_the_most_likely_token(family):
   tokens = generation.sample(model, params, prompt, jax.random.key(1), num_tokens=4,
                              temperature=0.0)
   # The same by hand: the prompt, then one token at a time from the carried state.
-  logits, carry = model.apply({'params': params}, prompt[None], model.initial_carry(1),
-                              train=False)
+  logits, carry = models.logits(model, params, prompt[None], model.initial_carry(1))
   expected = []
   for _ in range(4):
     token = int(jnp.argmax(logits[0, -1]))
     expected.append(token)
-    logits, carry = model.apply({'params': params}, jnp.array([[token]]), carry, train=False)
+    logits, carry = models.logits(model, params, jnp.array([[token]]), carry)
   assert tokens.tolist() == expected
   drawn = generation.sample(model, params, prompt, jax.random.key(1), num_tokens=50,
                             temperature=1.0)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from selfish_jax.data import batching
+from selfish_jax import models
 from selfish_jax.models import lstm, softmax
 from selfish_jax.training import steps
 
@@ -49,16 +50,15 @@ def test_nll_path_equals_cross_entropy_of_logits():
   tokens = jax.random.randint(jax.random.key(1), (3, 7), 0, 50)
   targets = jax.random.randint(jax.random.key(2), (3, 7), 0, 50)
   carry = model.initial_carry(3)
-  logits, carry_a = model.apply({'params': params}, tokens, carry, train=False)
-  nll, carry_b = model.apply({'params': params}, tokens, carry, train=False, targets=targets)
+  logits, carry_a = models.logits(model, params, tokens, carry)
+  nll, carry_b = models.token_nll(model, params, tokens, carry, targets)
   expected = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   np.testing.assert_allclose(nll, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(carry_a[1][0], carry_b[1][0])
   # Gradients agree too.
-  g1 = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, tokens, carry, train=False,
-                                              targets=targets)[0]))(params)
+  g1 = jax.grad(lambda p: jnp.sum(models.token_nll(model, p, tokens, carry, targets)[0]))(params)
   g2 = jax.grad(lambda p: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({'params': p}, tokens, carry, train=False)[0], targets)))(params)
+      models.logits(model, p, tokens, carry)[0], targets)))(params)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -66,8 +66,7 @@ def test_nll_path_equals_cross_entropy_of_logits():
 def test_lstm_cell_matches_the_pytorch_equations():
   model, params = _model_and_params()
   tokens = jnp.array([[3, 4]])
-  nll, ((h0, c0), _) = model.apply({'params': params}, tokens, model.initial_carry(1),
-                                   train=False, targets=tokens)
+  nll, ((h0, c0), _) = models.token_nll(model, params, tokens, model.initial_carry(1), tokens)
   del nll
   p = jax.tree.map(np.asarray, params)
   sigmoid = lambda x: 1 / (1 + np.exp(-x))
@@ -97,7 +96,7 @@ def test_padding_the_last_window_changes_nothing():
   for start in range(0, 23, 10):
     length = min(10, 23 - start)
     x, y = columns[:, start:start + length], columns[:, start + 1:start + 1 + length]
-    nll, carry = model.apply({'params': params}, x, carry, train=False, targets=y)
+    nll, carry = models.token_nll(model, params, x, carry, y)
     total += float(jnp.sum(nll))
     count += nll.size
   assert mean_nll == pytest.approx(total / count, rel=1e-5)
@@ -116,12 +115,11 @@ def test_fused_loss_gradient_equals_plain_autodiff(chunk_rows):
   carry = fused.initial_carry(3)
 
   def plain_loss(p):
-    nll, _ = fused.apply({'params': p}, tokens, carry, train=False, targets=targets)
+    nll, _ = models.token_nll(fused, p, tokens, carry, targets)
     return jnp.sum(nll * weights)
 
   def fused_loss(p):
-    return fused.apply({'params': p}, tokens, carry, train=False, targets=targets,
-                       weights=weights)[0]
+    return models.weighted_nll_sum(fused, p, tokens, carry, targets, weights)[0]
 
   np.testing.assert_allclose(fused_loss(params), plain_loss(params), rtol=1e-6)
   g_fused = jax.grad(lambda p: 2.5 * fused_loss(p))(params)  # a cotangent other than 1
@@ -149,9 +147,8 @@ def test_fused_loss_in_bfloat16_gives_float32_gradients_close_to_plain():
     model = lstm.StackedLSTMLM(vocab_size=50, emsize=12, nhid=12, nlayers=1,
                                compute_dtype=jnp.bfloat16, loss_chunk_rows=rows)
     params = model.init(jax.random.key(0), tokens, model.initial_carry(2), train=False)['params']
-    grads[rows] = jax.grad(lambda p, model=model: model.apply(
-        {'params': p}, tokens, model.initial_carry(2), train=False, targets=tokens,
-        weights=weights)[0])(params)
+    grads[rows] = jax.grad(lambda p, model=model: models.weighted_nll_sum(
+        model, p, tokens, model.initial_carry(2), tokens, weights)[0])(params)
   for fused, plain in zip(jax.tree.leaves(grads[4]), jax.tree.leaves(grads[0])):
     assert fused.dtype == jnp.float32
     np.testing.assert_allclose(fused, plain, rtol=0.05, atol=2e-3)

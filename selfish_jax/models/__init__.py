@@ -5,14 +5,17 @@
 :mod:`selfish_jax.models.interface`.
 """
 
-from selfish_jax.models.interface import (FAMILIES, MODELS, LanguageModel, build_model,
-                                          check_model_config, init_params)
+from selfish_jax.models.interface import (FAMILIES, MODELS, LanguageModel, OutputHead,
+                                          build_model, check_model_config, family_defaults,
+                                          init_params, logits, token_nll, weighted_nll_sum)
 from selfish_jax.models.lstm import LSTM_GATES, LSTMLayer, StackedLSTMLM
 from selfish_jax.models.mos import AWDLSTMMoSLM
 from selfish_jax.models.onlstm import ONLSTM_GATES, ONLSTMLM
 from selfish_jax.models.rhn import RHN_GATES, RHNLM
-from selfish_jax.models.softmax import softmax_nll
+from selfish_jax.models.softmax import SoftmaxHead, softmax_nll
 
-__all__ = ['FAMILIES', 'MODELS', 'LanguageModel', 'build_model', 'check_model_config',
-           'init_params', 'LSTM_GATES', 'LSTMLayer', 'StackedLSTMLM',
+__all__ = ['FAMILIES', 'MODELS', 'LanguageModel', 'OutputHead', 'build_model',
+           'check_model_config', 'family_defaults', 'init_params', 'logits', 'token_nll',
+           'weighted_nll_sum',
+           'SoftmaxHead', 'LSTM_GATES', 'LSTMLayer', 'StackedLSTMLM',
            'AWDLSTMMoSLM', 'ONLSTM_GATES', 'ONLSTMLM', 'RHN_GATES', 'RHNLM', 'softmax_nll']

@@ -14,6 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from selfish_jax.errors import ConfigError
+from selfish_jax.models.family import check_fractions
+
 GateBlocks = tuple[tuple[str, int], ...]  # (gate name, columns) along a fused kernel's last axis
 PENALTIES = 'penalties'  # the Flax collection models sow training penalties into
 
@@ -115,6 +118,25 @@ def tied_embedding_uses(names: tuple[str, ...], tied: bool) -> int:
   if names[-1] == 'embedding':
     return 1 if tied else 0
   return 1
+
+
+# The AWD-LSTM regularisers (onlstm, awd_lstm_mos): config keys and defaults.
+AWD_REGULARISERS = {
+    'dropout_input': 0.0,  # locked, on the embedded input
+    'dropout_hidden': 0.0,  # locked, between layers
+    'dropout_embedding': 0.0,  # whole words
+    'weight_drop': 0.0,  # DropConnect on the recurrent kernels
+    'ar_alpha': 0.0,  # activation regularisation
+    'tar_beta': 0.0,  # temporal activation regularisation
+}
+
+
+def check_awd_regularisers(config) -> None:
+  """Raises ConfigError for a dropout outside [0, 1) or a negative AR/TAR weight."""
+  check_fractions(config, ('dropout_input', 'dropout_hidden', 'dropout_embedding', 'weight_drop'))
+  for key in ('ar_alpha', 'tar_beta'):
+    if config[key] < 0:
+      raise ConfigError(f'{key} must be >= 0, got {config[key]!r}')
 
 
 def awd_stack(module: nn.Module, cells: Sequence[nn.Module], x: jax.Array, carry: Sequence,

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from selfish_jax.models import layers
+from selfish_jax.models.family import Family, check_tied_square
 from selfish_jax.models.layers import GateBlocks, uniform_init
-from selfish_jax.models.softmax import softmax_output
+from selfish_jax.models.softmax import SoftmaxHead
 
 Carry = tuple[jax.Array, jax.Array]  # (h, c), each [batch, hidden]
 
@@ -196,18 +197,8 @@ class StackedLSTMLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
-               targets: jax.Array | None = None,
-               weights: jax.Array | None = None) -> tuple[jax.Array, tuple[Carry, ...]]:
-    """Runs ``tokens [B, T]`` from ``carry``.
-
-    Returns:
-      ``(logits [B, T, vocab], carry)``; with ``targets [B, T]`` the per-token
-      negative log-likelihood ``[B, T]`` instead of the logits (cheaper to
-      differentiate, see :func:`softmax_nll`); with ``targets`` and
-      ``weights [B, T]`` the scalar ``sum(weights * nll)``, whose gradient is
-      fused into chunks of ``loss_chunk_rows`` rows (see :func:`weighted_nll_sum`),
-      and the state is held through steps of weight 0 (padding).
-    """
+               weights: jax.Array | None = None) -> tuple[SoftmaxHead, tuple[Carry, ...]]:
+    """The :class:`~selfish_jax.models.interface.LanguageModel` forward pass."""
     if self.tied and self.emsize != self.nhid:
       raise ValueError('tied weights need emsize == nhid')
     drop = nn.Dropout(self.dropout, deterministic=not train)
@@ -222,6 +213,12 @@ class StackedLSTMLM(nn.Module):
       x = drop(x)  # between layers and, after the last, on the output
     kernel, bias = layers.decoder_params(self, embedding, self.tied, self.nhid, uniform_init(0.1))
     dtype = self.compute_dtype
-    out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
-                         self.loss_chunk_rows)
-    return out, tuple(new_carry)
+    head = SoftmaxHead(x.astype(dtype), kernel.astype(dtype), bias, self.loss_chunk_rows)
+    return head, tuple(new_carry)
+
+
+FAMILY = Family(
+    'lstm', {},
+    lambda config, vocab_size, common: StackedLSTMLM(vocab_size=vocab_size,
+                                                     nlayers=config.nlayers, **common),
+    check_tied_square)

@@ -17,10 +17,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from selfish_jax.models import layers
+from selfish_jax.models.family import Family, check_fractions, check_int, pick
 from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
 from selfish_jax.models.lstm import Carry, LSTMLayer, lstm_gate_layout, zero_carry
 from selfish_jax.models.softmax import chunk_steps
@@ -56,6 +58,35 @@ def mixture_nll(latent: jax.Array, prior_logits: jax.Array, kernel: jax.Array, b
 
   nll = jax.lax.map(chunk, (split(latent), split(prior_logits), split(targets)))
   return nll.reshape(targets.shape)
+
+
+@flax.struct.dataclass
+class MixtureHead:
+  """The mixture of softmaxes' inputs (an
+  :class:`~selfish_jax.models.interface.OutputHead`): time-major
+  ``latent [T, B, K, E]`` and ``prior_logits [T, B, K]``, the decoder
+  ``kernel [E, vocab]`` and ``bias``."""
+  latent: jax.Array
+  prior_logits: jax.Array
+  kernel: jax.Array
+  bias: jax.Array
+  loss_chunk_rows: int = flax.struct.field(pytree_node=False, default=0)
+
+  def logits(self) -> jax.Array:
+    """The mixture's log-probabilities ``[B, T, vocab]``."""
+    return jnp.swapaxes(mixture_log_probs(self.latent, self.prior_logits, self.kernel,
+                                          self.bias), 0, 1)
+
+  def _time_major_nll(self, targets: jax.Array) -> jax.Array:
+    steps, batch = self.latent.shape[:2]
+    return mixture_nll(self.latent, self.prior_logits, self.kernel, self.bias, targets.T,
+                       chunk_steps(steps, batch, self.loss_chunk_rows))
+
+  def token_nll(self, targets: jax.Array) -> jax.Array:
+    return self._time_major_nll(targets).T
+
+  def weighted_nll_sum(self, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.sum(weights.T * self._time_major_nll(targets))
 
 
 class AWDLSTMMoSLM(nn.Module):
@@ -97,10 +128,9 @@ class AWDLSTMMoSLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
-               targets: jax.Array | None = None, weights: jax.Array | None = None):
-    """Same contract as :meth:`selfish_jax.models.lstm.StackedLSTMLM.__call__`, with
-    the mixture's log-probabilities as the logits; in training the AR/TAR
-    penalties are sown into ``'penalties'``."""
+               weights: jax.Array | None = None) -> tuple[MixtureHead, tuple[Carry, ...]]:
+    """The :class:`~selfish_jax.models.interface.LanguageModel` forward pass; in
+    training the AR/TAR penalties are sown into ``'penalties'``."""
     dtype = self.compute_dtype
     valid = layers.time_valid(weights)
     embedding = self.param('embedding', uniform_init(0.1), (self.vocab_size, self.emsize))
@@ -125,11 +155,23 @@ class AWDLSTMMoSLM(nn.Module):
     prior_logits = jnp.dot(x.astype(dtype), w_prior.astype(dtype),
                            preferred_element_type=jnp.float32)
     kernel, bias = layers.decoder_params(self, embedding, self.tied, self.emsize, uniform_init(0.1))
-    kernel = kernel.astype(dtype)
-    if targets is None:
-      return jnp.swapaxes(mixture_log_probs(latent, prior_logits, kernel, bias), 0, 1), new_carry
-    nll = mixture_nll(latent, prior_logits, kernel, bias, targets.T,
-                      chunk_steps(steps, batch, self.loss_chunk_rows))
-    if weights is None:
-      return nll.T, new_carry
-    return jnp.sum(weights.T * nll), new_carry
+    return MixtureHead(latent, prior_logits, kernel.astype(dtype), bias,
+                       self.loss_chunk_rows), new_carry
+
+
+def _check(config) -> None:
+  check_int(config, 'n_experts')
+  check_int(config, 'nhid_last', minimum=0)
+  check_fractions(config, ('dropout_latent',))
+  layers.check_awd_regularisers(config)
+
+
+FAMILY = Family('awd_lstm_mos', {
+    'nhid_last': 0,  # the last LSTM layer's size (0: emsize)
+    'n_experts': 15,  # softmaxes in the mixture
+    'dropout_latent': 0.0,  # locked, on the experts' latent vectors
+    **layers.AWD_REGULARISERS,
+}, lambda config, vocab_size, common: AWDLSTMMoSLM(
+    vocab_size=vocab_size, nlayers=config.nlayers, nhid_last=config.nhid_last or config.emsize,
+    n_experts=config.n_experts, dropout_latent=config.dropout_latent,
+    **pick(config, layers.AWD_REGULARISERS), **common), _check)

@@ -26,10 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from selfish_jax.errors import ConfigError
 from selfish_jax.models import layers
+from selfish_jax.models.family import Family, check_int, pick
 from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
 from selfish_jax.models.lstm import Carry, zero_carry
-from selfish_jax.models.softmax import softmax_output
+from selfish_jax.models.softmax import SoftmaxHead
 
 ONLSTM_GATES = ('master_i', 'master_f', 'o', 'g', 'i', 'f')
 INPUT_KERNEL = 'input_kernel'
@@ -141,9 +143,9 @@ class ONLSTMLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: Sequence[Carry], *, train: bool,
-               targets: jax.Array | None = None, weights: jax.Array | None = None):
-    """Same contract as :meth:`selfish_jax.models.lstm.StackedLSTMLM.__call__`;
-    in training the AR/TAR penalties are sown into ``'penalties'``."""
+               weights: jax.Array | None = None) -> tuple[SoftmaxHead, tuple[Carry, ...]]:
+    """The :class:`~selfish_jax.models.interface.LanguageModel` forward pass; in
+    training the AR/TAR penalties are sown into ``'penalties'``."""
     valid = layers.time_valid(weights)
     embedding = self.param('embedding', uniform_init(0.1), (self.vocab_size, self.emsize))
     x = layers.embedded_words(self, embedding, tokens, self.dropout_embedding, self.dropout_input,
@@ -156,6 +158,22 @@ class ONLSTMLM(nn.Module):
                                     ar_of_dropped=False)  # as main_ONLSTM.py: the raw output
     kernel, bias = layers.decoder_params(self, embedding, self.tied, self.emsize, uniform_init(0.1))
     dtype = self.compute_dtype
-    out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
-                         self.loss_chunk_rows)
-    return out, new_carry
+    head = SoftmaxHead(x.astype(dtype), kernel.astype(dtype), bias, self.loss_chunk_rows)
+    return head, new_carry
+
+
+def _check(config) -> None:
+  check_int(config, 'chunk_size')
+  layers.check_awd_regularisers(config)
+  for size in (config.nhid, config.emsize):
+    if size % config.chunk_size:
+      raise ConfigError(f'onlstm layer size {size} is not a multiple of '
+                        f'chunk_size={config.chunk_size}')
+
+
+FAMILY = Family('onlstm', {
+    'chunk_size': 10,  # units per master-gate level
+    **layers.AWD_REGULARISERS,
+}, lambda config, vocab_size, common: ONLSTMLM(
+    vocab_size=vocab_size, nlayers=config.nlayers, chunk_size=config.chunk_size,
+    **pick(config, layers.AWD_REGULARISERS), **common), _check)

@@ -31,9 +31,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from selfish_jax.errors import ConfigError
 from selfish_jax.models import layers
+from selfish_jax.models.family import (Family, check_fractions, check_int, check_tied_square,
+                                       pick)
 from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
-from selfish_jax.models.softmax import softmax_output
+from selfish_jax.models.softmax import SoftmaxHead
 
 RHN_GATES = ('h', 't')
 RHN_INITS = ('selfish_rnn', 'zilly')
@@ -129,8 +132,8 @@ class RHNLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, carry: tuple[jax.Array], *, train: bool,
-               targets: jax.Array | None = None, weights: jax.Array | None = None):
-    """Same contract as :meth:`selfish_jax.models.lstm.StackedLSTMLM.__call__`."""
+               weights: jax.Array | None = None) -> tuple[SoftmaxHead, tuple[jax.Array]]:
+    """The :class:`~selfish_jax.models.interface.LanguageModel` forward pass."""
     if self.tied and self.emsize != self.nhid:
       raise ValueError('tied weights need emsize == nhid')
     valid = layers.time_valid(weights)
@@ -144,6 +147,37 @@ class RHNLM(nn.Module):
     kernel, bias = layers.decoder_params(self, embedding, self.tied, self.nhid,
                                          uniform_init(scale))
     dtype = self.compute_dtype
-    out = softmax_output(x.astype(dtype), kernel.astype(dtype), bias, targets, weights,
-                         self.loss_chunk_rows)
-    return out, (s,)
+    head = SoftmaxHead(x.astype(dtype), kernel.astype(dtype), bias, self.loss_chunk_rows)
+    return head, (s,)
+
+
+def _check(config) -> None:
+  check_tied_square(config)
+  check_int(config, 'rhn_depth')
+  check_fractions(config, ('dropout_input', 'dropout_hidden', 'dropout_embedding'))
+  if config.nlayers != 1:
+    raise ConfigError(f'model rhn has one recurrent layer (its depth is rhn_depth); '
+                      f'nlayers must be 1, got {config.nlayers}')
+  if config.rhn_init not in RHN_INITS:
+    raise ConfigError(f'unknown rhn_init {config.rhn_init!r}; expected one of {RHN_INITS}')
+  if config.rhn_init != 'zilly':
+    for key in ('rhn_transform_bias', 'rhn_init_scale'):
+      if config[key] != FAMILY.defaults[key]:
+        raise ConfigError(f"{key} is read only with rhn_init='zilly', not {config.rhn_init!r}")
+
+
+FAMILY = Family('rhn', {
+    'rhn_depth': 10,  # highway micro-steps per token
+    # selfish_rnn (the official Selfish-RNN models.py: PyTorch nn.Linear
+    # defaults, embedding U(-0.1, 0.1)) | zilly (every weight U(-s, s) with
+    # s = rhn_init_scale, transform-gate bias rhn_transform_bias)
+    'rhn_init': 'selfish_rnn',
+    'rhn_transform_bias': ZILLY_TRANSFORM_BIAS,  # rhn_init='zilly' only
+    'rhn_init_scale': ZILLY_INIT_SCALE,  # rhn_init='zilly' only
+    'dropout_input': 0.0,  # locked, on the embedded input
+    'dropout_hidden': 0.0,  # on s at every depth
+    'dropout_embedding': 0.0,  # whole words
+}, lambda config, vocab_size, common: RHNLM(
+    vocab_size=vocab_size, depth=config.rhn_depth, init_scheme=config.rhn_init,
+    transform_bias=config.rhn_transform_bias, init_scale=config.rhn_init_scale,
+    **pick(config, ('dropout_input', 'dropout_hidden', 'dropout_embedding')), **common), _check)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import flax.struct
+
 import jax
 import jax.numpy as jnp
 
@@ -103,23 +105,33 @@ def _weighted_nll_sum_bwd(steps_per_chunk, grads, cotangent):
 weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
 
 
-def softmax_output(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array | None,
-                   weights: jax.Array | None, loss_chunk_rows: int) -> jax.Array:
-  """What a language model returns from time-major features ``x [T, B, H]``.
+@flax.struct.dataclass
+class SoftmaxHead:
+  """A softmax output layer's inputs, what a family's forward pass returns:
+  time-major ``features [T, B, H]``, the decoder ``kernel [H, vocab]`` and
+  ``bias [vocab]``. Its methods are the entry points' outputs (an
+  :class:`~selfish_jax.models.interface.OutputHead`)."""
+  features: jax.Array
+  kernel: jax.Array
+  bias: jax.Array
+  # Rows (batch x time steps) per chunk of the fused loss gradient; 0 = plain autodiff.
+  loss_chunk_rows: int = flax.struct.field(pytree_node=False, default=0)
 
-  Without ``targets``: logits ``[B, T, vocab]``. With ``targets [B, T]``: the
-  per-token NLL ``[B, T]`` (see :func:`softmax_nll`). With ``targets`` and
-  ``weights [B, T]``: the scalar ``sum(weights * nll)``, its gradient fused
-  into chunks of ``loss_chunk_rows`` rows (0: plain autodiff).
-  """
-  steps, batch = x.shape[:2]
-  if targets is not None and weights is not None:
+  def logits(self) -> jax.Array:
+    """``[B, T, vocab]``."""
+    logits = jnp.dot(self.features, self.kernel, preferred_element_type=jnp.float32) + self.bias
+    return jnp.swapaxes(logits, 0, 1)
+
+  def token_nll(self, targets: jax.Array) -> jax.Array:
+    """The NLL ``[B, T]`` of ``targets [B, T]`` (see :func:`softmax_nll`)."""
+    return softmax_nll(self.features, self.kernel, self.bias, targets.T).T
+
+  def weighted_nll_sum(self, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum(weights * nll)`` over ``[B, T]``, its gradient fused into chunks of
+    ``loss_chunk_rows`` rows (see :func:`weighted_nll_sum`)."""
+    steps, batch = self.features.shape[:2]
     weights = weights.T.astype(jnp.float32)
-    if loss_chunk_rows > 0:
-      return weighted_nll_sum(x, kernel, bias, targets.T, weights,
-                              chunk_steps(steps, batch, loss_chunk_rows))
-    return _plain_weighted_nll_sum(x, kernel, bias, targets.T, weights)
-  if targets is not None:
-    return softmax_nll(x, kernel, bias, targets.T).T
-  logits = jnp.dot(x, kernel, preferred_element_type=jnp.float32) + bias
-  return jnp.swapaxes(logits, 0, 1)
+    if self.loss_chunk_rows > 0:
+      return weighted_nll_sum(self.features, self.kernel, self.bias, targets.T, weights,
+                              chunk_steps(steps, batch, self.loss_chunk_rows))
+    return _plain_weighted_nll_sum(self.features, self.kernel, self.bias, targets.T, weights)
