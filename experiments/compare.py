@@ -8,7 +8,10 @@ Each run trains in ``WORKDIR/<method>-<optimizer>-seed<seed>`` (finished runs
 are skipped, interrupted ones resume), then ``results.md``, ``results.json``
 and ``val_ppl.png`` are written into ``WORKDIR``. ``--cell=METHOD,OPTIMIZER,SEED``
 runs one run only, so a cluster can fan the sweep out; a final call without
-``--cell`` (or with ``--report_only``) collects the table. SNFS needs momentum:
+``--cell`` (or with ``--report_only``) collects the table. The terminal shows
+where the sweep stands (cells done with their test perplexity, the one
+running, how many are left); each cell's own lines go to its ``train.log``
+(``--cell_logs`` shows them too). SNFS needs momentum:
 with ``sgd``/``snt_asgd`` it runs with SGD momentum instead, as its paper does.
 
 Identical runs are trained once (``--noshare_identical`` trains every cell):
@@ -21,26 +24,31 @@ validation losses), and cells whose resolved configs are equal (SNFS with
 
 With a fixed switch (``--config.asgd_start_epoch=E``) the ``sgd`` and ``asgd``
 cells fork from their ``snt_asgd`` twin's checkpoint at the switch
-(``config.fork_from``) instead of retraining the first ``E - 1`` epochs; the
-continuation is the same run as one trained from scratch
+(:class:`ContinuationAtSwitch`) instead of retraining the first ``E - 1``
+epochs; the continuation is the same run as one trained from scratch
 (``--nofork_continuations`` trains them from scratch anyway).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import os
 
 from absl import flags, logging
+from absl import logging as absl_logging
 import jax
 import numpy as np
 from ml_collections import config_flags
 
 from experiments import cli, plots
 from selfish_jax import optim
-from selfish_jax.errors import UserError
+from selfish_jax.errors import ConfigError, UserError
 from selfish_jax.sparsity import methods as methods_lib
+from selfish_jax.training import core as core_lib
 from selfish_jax.training import metrics, train
+from selfish_jax.training import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Base experiment config file.',
                                           lock_config=True)
@@ -55,10 +63,66 @@ _SHARE = flags.DEFINE_bool('share_identical', True,
 _FORK = flags.DEFINE_bool('fork_continuations', True,
                           'With asgd_start_epoch set, fork sgd/asgd cells from the snt_asgd '
                           'run at its switch.')
+_CELL_LOGS = flags.DEFINE_bool(
+    'cell_logs', False, "Also show each cell's training lines in the terminal (they are always "
+    'in WORKDIR/<cell>/train.log); by default the terminal shows where the sweep stands.')
 _DISTRIBUTED = cli.DistributedFlags()
 _LRS = flags.DEFINE_list('lrs', ['momentum:2.0', 'adam:0.002'],
                          'Learning rates per optimizer (others use --config.lr).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+# Optimizers whose SGD phase carries no state: a run of one can continue another's.
+FORKABLE_OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd')
+
+
+def check_forkable(source: str, source_config: dict, config) -> None:
+  """Raises ConfigError unless ``config`` may continue the run in ``source``
+  (whose config is ``source_config``)."""
+  current = workdir_lib.as_saved(config)
+  changed = sorted(k for k in set(source_config) | set(current)
+                   if k not in core_lib.RESUMABLE_CHANGES | {'optimizer'}
+                   and source_config.get(k) != current.get(k))
+  if changed:
+    raise ConfigError(f'cannot fork from {source}: its config differs in {", ".join(changed)}')
+  for optimizer in (source_config.get('optimizer'), config.optimizer):
+    if optimizer not in FORKABLE_OPTIMIZERS:
+      raise ConfigError(f'cannot fork between optimizers other than {FORKABLE_OPTIMIZERS}: '
+                        f'{optimizer!r} has SGD-phase state')
+
+
+class ContinuationAtSwitch:
+  """A new run's start (:data:`selfish_jax.training.loop.Start`): the run in
+  ``source`` where it switched averaging on, continued with this run's
+  optimizer (:meth:`SparseTraining.continue_after_switch`).
+
+  The source's records up to the switch are copied (with the topology update
+  the continuation made, if any), so the curves are complete, and so are its
+  best weights so far, which the continuation's test reads unless it improves.
+  """
+
+  def __init__(self, source: str, config):
+    self.source = source
+    self._config = config
+
+  def __call__(self, state, core):
+    source_config = workdir_lib.read_config(self.source)
+    if source_config is None:
+      raise ConfigError(f'cannot fork from {self.source}: no config.json (not a run)')
+    check_forkable(self.source, source_config, self._config)
+    source_tx = optim.make_optimizer(source_config['optimizer'], self._config.lr)
+    restored = core_lib.restore_at_switch(self.source, state, source_tx)
+    if restored is None:
+      raise ConfigError(f'cannot fork from {self.source}: it has not switched averaging on '
+                        '(no switch checkpoint yet)')
+    state, host, best = restored
+    state, moved = core.continue_after_switch(state, host.epoch - 1)
+    records = [r for r in metrics.read_records(self.source) if r['step'] <= int(state.step)]
+    if moved:
+      records[-1] = {**records[-1], **core.mask_fields(state), 'topology_distance': moved}
+    logging.info('Forked from %s at step %d (end of epoch %d) with optimizer %s.', self.source,
+                 int(state.step), host.epoch - 1, self._config.optimizer)
+    return state, host, records, best
 
 
 def run_name(method: str, optimizer: str, seed: int) -> str:
@@ -85,7 +149,7 @@ def _never_averaged(config, records: list[dict]) -> bool:
   if config.asgd_start_epoch and config.asgd_start_epoch <= len(losses):
     return False
   return not any(r.get('optimizer') == 'asgd' for r in records) and not any(
-      optim.nonmonotone_trigger(losses[:i], losses[i], config.nonmono)
+      core_lib.nonmonotone_trigger(losses[:i], losses[i], config.nonmono)
       for i in range(len(losses)))
 
 
@@ -98,7 +162,7 @@ def identical_twin(base, workdir, method, optimizer, seed, lrs) -> str | None:
     twin = cell_config(base, method, other, seed, lrs)
     exact = twin.to_dict() == config.to_dict()
     until_trigger = False  # the same steps unless the trigger fired
-    if not exact and {config.optimizer, twin.optimizer} <= set(train.FORKABLE_OPTIMIZERS):
+    if not exact and {config.optimizer, twin.optimizer} <= set(FORKABLE_OPTIMIZERS):
       twin.optimizer = config.optimizer
       until_trigger = twin.to_dict() == config.to_dict()
     path = os.path.join(workdir, run_name(method, other, seed))
@@ -122,10 +186,38 @@ def run_cell(base, workdir, method, optimizer, seed, lrs, share: bool = True,
     return finished(os.path.join(workdir, twin))
   config = cell_config(base, method, optimizer, seed, lrs)
   source = os.path.join(workdir, run_name(method, 'snt_asgd', seed))
+  start = None
   if (fork and base.asgd_start_epoch and config.optimizer in ('sgd', 'asgd')
       and os.path.isdir(os.path.join(source, 'switch'))):
-    config.fork_from = source
-  return train.train_and_evaluate(config, path)
+    start = ContinuationAtSwitch(source, config)
+  return train.train_and_evaluate(config, path, start=start)
+
+
+class _TrainingInfo(std_logging.Filter):
+  """Holds back the INFO lines of the training code (a cell's progress and epochs)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or (
+        os.sep + os.path.join('selfish_jax', 'training') + os.sep) not in record.pathname
+
+
+@contextlib.contextmanager
+def cell_log(path: str, show: bool):
+  """Within: every log line goes to ``path/train.log`` too, and unless ``show``
+  the terminal leaves out the training code's INFO lines."""
+  os.makedirs(path, exist_ok=True)
+  to_file = std_logging.FileHandler(os.path.join(path, 'train.log'))
+  to_file.setFormatter(absl_logging.PythonFormatter())
+  absl_logging.get_absl_logger().addHandler(to_file)
+  terminal, held_back = absl_logging.get_absl_handler(), _TrainingInfo()
+  if not show:
+    terminal.addFilter(held_back)
+  try:
+    yield
+  finally:
+    terminal.removeFilter(held_back)
+    absl_logging.get_absl_logger().removeHandler(to_file)
+    to_file.close()
 
 
 def sweep_status(cells: list[tuple], results: dict, running: tuple | None) -> str:
@@ -251,7 +343,8 @@ def _sweep():
     results = {}
     for cell in cells:
       logging.info('%s', sweep_status(cells, results, running=cell))
-      results[cell] = run_cell(base, workdir, *cell, lrs, _SHARE.value, _FORK.value)
+      with cell_log(os.path.join(workdir, run_name(*cell)), show=_CELL_LOGS.value):
+        results[cell] = run_cell(base, workdir, *cell, lrs, _SHARE.value, _FORK.value)
     logging.info('%s', sweep_status(cells, results, running=None))
   rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
   if jax.process_index() == 0:

@@ -21,6 +21,8 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'
 
 @pytest.fixture(scope='session')
 def shared_data_dir():
+  """The real corpora, for the tests that check them (token counts, checksums);
+  everything else trains on :func:`write_text_corpus`'s generated corpus."""
   if not os.path.isdir(os.path.join(SHARED_DATA, 'ptb')):
     pytest.skip(f'no corpora at {SHARED_DATA}')
   return SHARED_DATA
@@ -93,5 +95,6 @@ def make_tiny_config(data_dir, dataset='ptb'):
 
 
 @pytest.fixture
-def tiny_config(shared_data_dir):
-  return make_tiny_config(shared_data_dir)
+def tiny_config(text_corpus_dir):
+  """The tiny LSTM on the generated corpus: runs in any checkout, no data needed."""
+  return make_tiny_config(text_corpus_dir, dataset='text')
