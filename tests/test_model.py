@@ -173,11 +173,11 @@ def _autodiff_recurrence(projected, w_rec, carry, valid=None):
   return hs, carry
 
 
-@pytest.mark.parametrize('dtype, tolerance, steps_', [
-    (jnp.float32, 1e-5, 7), (jnp.bfloat16, 3e-2, 7),
-    # Longer than a window: the loops unroll a few steps per iteration, with a remainder.
-    (jnp.float32, 1e-5, lstm.FULL_UNROLL_MAX_STEPS + lstm.PARTIAL_UNROLL_STEPS + 3)])
-def test_lstm_recurrence_gradient_equals_autodiff(dtype, tolerance, steps_):
+@pytest.mark.parametrize('dtype, tolerance, steps_, unroll', [
+    (jnp.float32, 1e-5, 7, 1), (jnp.bfloat16, 3e-2, 7, 1),
+    # Several steps per loop iteration, with a remainder; and all of them.
+    (jnp.float32, 1e-5, 11, 4), (jnp.float32, 1e-5, 7, 7)])
+def test_lstm_recurrence_gradient_equals_autodiff(dtype, tolerance, steps_, unroll):
   keys = jax.random.split(jax.random.key(0), 6)
   batch, hidden = 3, 5
   projected = jax.random.normal(keys[0], (steps_, batch, 4 * hidden))
@@ -193,7 +193,7 @@ def test_lstm_recurrence_gradient_equals_autodiff(dtype, tolerance, steps_):
       return jnp.sum(hs * d_hs) + jnp.sum(h * d_h) + jnp.sum(c * d_c)
     return f
 
-  ours = lambda p, w, c: lstm.lstm_recurrence(p, w, c, None, dtype)
+  ours = lambda p, w, c: lstm.lstm_recurrence(p, w, c, None, dtype, unroll)
   np.testing.assert_allclose(loss(ours)(projected, w_rec, carry),
                              loss(_autodiff_recurrence)(projected, w_rec, carry),
                              rtol=tolerance, atol=tolerance)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from selfish_jax.models import layers
-from selfish_jax.models.family import Family, check_tied_square
+from selfish_jax.models.family import Family, check_int, check_tied_square
 from selfish_jax.models.layers import GateBlocks, uniform_init
 from selfish_jax.models.softmax import SoftmaxHead
 
@@ -35,10 +35,10 @@ def _gates(pre: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def lstm_recurrence(projected: jax.Array, w_rec: jax.Array, carry: Carry,
-                    valid: jax.Array | None = None,
-                    compute_dtype: jnp.dtype = jnp.float32) -> tuple[jax.Array, Carry]:
+                    valid: jax.Array | None = None, compute_dtype: jnp.dtype = jnp.float32,
+                    unroll: int = 1) -> tuple[jax.Array, Carry]:
   """The sequential part of an LSTM layer over ``projected [T, B, 4H]``.
 
   ``projected`` is the input projection plus biases for every step; each step
@@ -50,26 +50,18 @@ def lstm_recurrence(projected: jax.Array, w_rec: jax.Array, carry: Carry,
   ``dc`` through time, and the recurrent kernel's gradient is one
   ``[H, T*B] @ [T*B, 4H]`` product afterwards instead of ``T`` rank-``B``
   updates accumulated inside the loop (contracting time and batch in place, so
-  a batch sharded over devices is never gathered). Both loops are unrolled when ``T`` is
-  a window's few dozen steps, which removes XLA:CPU's per-iteration overhead
-  (see :func:`unroll_steps`).
+  a batch sharded over devices is never gathered).
+
+  ``unroll`` is the time steps per loop iteration of both loops. On the CPU, 1
+  is the fastest and compiles fastest (2x200 LSTM, batch 20, 35 steps: 68 ms a
+  step and 2 s to compile; fully unrolled 84 ms and 23 s); on an accelerator,
+  measure (``benchmarks.step --config.lstm_unroll=N`` reports both).
   """
-  outputs, carry, _ = _lstm_forward(projected, w_rec, carry, valid, compute_dtype)
+  outputs, carry, _ = _lstm_forward(projected, w_rec, carry, valid, compute_dtype, unroll)
   return outputs, carry
 
 
-# Whole windows up to this length unroll; compile time grows with the unrolled
-# length, so longer sequences (documents) unroll a few steps per iteration.
-FULL_UNROLL_MAX_STEPS = 96
-PARTIAL_UNROLL_STEPS = 8
-
-
-def unroll_steps(length: int) -> int:
-  """The ``unroll`` of a recurrence's ``lax.scan`` over ``length`` steps."""
-  return length if length <= FULL_UNROLL_MAX_STEPS else PARTIAL_UNROLL_STEPS
-
-
-def _lstm_forward(projected, w_rec, carry, valid, compute_dtype):
+def _lstm_forward(projected, w_rec, carry, valid, compute_dtype, unroll):
   w = w_rec.astype(compute_dtype)
 
   def step(carry, inputs):
@@ -81,20 +73,19 @@ def _lstm_forward(projected, w_rec, carry, valid, compute_dtype):
     h = layers.hold_on_padding(valid_t, o * jnp.tanh(c), h_prev)
     return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
 
-  carry, (hs, cs, gates) = jax.lax.scan(step, carry, (projected, valid),
-                                        unroll=unroll_steps(projected.shape[0]))
+  carry, (hs, cs, gates) = jax.lax.scan(step, carry, (projected, valid), unroll=unroll)
   return hs, carry, (cs, gates)
 
 
-def _lstm_recurrence_fwd(projected, w_rec, carry, valid, compute_dtype):
-  hs, last, (cs, gates) = _lstm_forward(projected, w_rec, carry, valid, compute_dtype)
+def _lstm_recurrence_fwd(projected, w_rec, carry, valid, compute_dtype, unroll):
+  hs, last, (cs, gates) = _lstm_forward(projected, w_rec, carry, valid, compute_dtype, unroll)
   h0, c0 = carry
   previous_h = jnp.concatenate([h0[None], hs[:-1]])
   previous_c = jnp.concatenate([c0[None], cs[:-1]])
   return (hs, last), (w_rec, previous_h, previous_c, cs, gates, valid)
 
 
-def _lstm_recurrence_bwd(compute_dtype, residuals, cotangents):
+def _lstm_recurrence_bwd(compute_dtype, unroll, residuals, cotangents):
   w_rec, previous_h, previous_c, cs, gates, valid = residuals
   d_hs, (d_h_last, d_c_last) = cotangents
   w_t = w_rec.T.astype(compute_dtype)
@@ -119,7 +110,7 @@ def _lstm_recurrence_bwd(compute_dtype, residuals, cotangents):
 
   (d_h0, d_c0), d_projected = jax.lax.scan(
       step, (d_h_last, d_c_last), (d_hs, previous_c, cs, gates, valid), reverse=True,
-      unroll=unroll_steps(d_hs.shape[0]))
+      unroll=unroll)
   # Contracting time and batch in place (no [T*B, .] reshape): a batch split
   # over devices stays split, and XLA all-reduces the partial products.
   d_w_rec = jnp.einsum('tbh,tbg->hg', previous_h.astype(compute_dtype),
@@ -146,6 +137,7 @@ class LSTMLayer(nn.Module):
   hidden_size: int
   compute_dtype: jnp.dtype = jnp.float32
   weight_drop: float = 0.0
+  unroll: int = 1  # time steps per iteration of the recurrence's loops
 
   @nn.compact
   def __call__(self, inputs: jax.Array, carry: Carry, valid: jax.Array | None = None,
@@ -161,7 +153,7 @@ class LSTMLayer(nn.Module):
     # The input projection of the whole window is one large matmul; only the
     # recurrent product stays inside the sequential loop.
     projected = layers.project(inputs, w_in, dtype) + (b_in + b_rec)
-    return lstm_recurrence(projected, w_rec, carry, valid, dtype)
+    return lstm_recurrence(projected, w_rec, carry, valid, dtype, self.unroll)
 
 
 def zero_carry(batch_size: int, hidden_sizes: Sequence[int]) -> tuple[Carry, ...]:
@@ -185,6 +177,7 @@ class StackedLSTMLM(nn.Module):
   compute_dtype: jnp.dtype = jnp.float32
   # Rows (batch x time steps) per chunk of the fused loss gradient; 0 = plain autodiff.
   loss_chunk_rows: int = 128
+  unroll: int = 1  # time steps per iteration of the recurrences' loops
 
   def initial_carry(self, batch_size: int) -> tuple[Carry, ...]:
     return zero_carry(batch_size, [self.nhid] * self.nlayers)
@@ -207,7 +200,8 @@ class StackedLSTMLM(nn.Module):
     x = drop(jnp.take(embedding, tokens.T, axis=0))  # time-major [T, B, E] for the scans
     new_carry = []
     for layer in range(self.nlayers):
-      x, layer_carry = LSTMLayer(self.nhid, self.compute_dtype, name=f'lstm_{layer}')(
+      x, layer_carry = LSTMLayer(self.nhid, self.compute_dtype, unroll=self.unroll,
+                                 name=f'lstm_{layer}')(
           x, carry[layer], valid)
       new_carry.append(layer_carry)
       x = drop(x)  # between layers and, after the last, on the output
@@ -217,8 +211,17 @@ class StackedLSTMLM(nn.Module):
     return head, tuple(new_carry)
 
 
+# Time steps per iteration of the LSTM recurrence's loops (see lstm_recurrence).
+UNROLL_KEY = {'lstm_unroll': 1}
+
+
+def _check(config) -> None:
+  check_tied_square(config)
+  check_int(config, 'lstm_unroll')
+
+
 FAMILY = Family(
-    'lstm', {},
-    lambda config, vocab_size, common: StackedLSTMLM(vocab_size=vocab_size,
-                                                     nlayers=config.nlayers, **common),
-    check_tied_square)
+    'lstm', UNROLL_KEY,
+    lambda config, vocab_size, common: StackedLSTMLM(
+        vocab_size=vocab_size, nlayers=config.nlayers, unroll=config.lstm_unroll, **common),
+    _check)

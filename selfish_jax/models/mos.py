@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from selfish_jax.models import layers
 from selfish_jax.models.family import Family, check_fractions, check_int, pick
 from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
-from selfish_jax.models.lstm import Carry, LSTMLayer, lstm_gate_layout, zero_carry
+from selfish_jax.models.lstm import UNROLL_KEY, Carry, LSTMLayer, lstm_gate_layout, zero_carry
 from selfish_jax.models.softmax import chunk_steps
 
 
@@ -108,6 +108,7 @@ class AWDLSTMMoSLM(nn.Module):
   tar_beta: float = 0.0
   compute_dtype: jnp.dtype = jnp.float32
   loss_chunk_rows: int = 128
+  unroll: int = 1  # time steps per iteration of the LSTM layers' loops
 
   @property
   def hidden_sizes(self) -> Sequence[int]:
@@ -136,7 +137,7 @@ class AWDLSTMMoSLM(nn.Module):
     embedding = self.param('embedding', uniform_init(0.1), (self.vocab_size, self.emsize))
     x = layers.embedded_words(self, embedding, tokens, self.dropout_embedding, self.dropout_input,
                               train)
-    cells = [LSTMLayer(hidden, dtype, self.weight_drop, name=f'lstm_{layer}')
+    cells = [LSTMLayer(hidden, dtype, self.weight_drop, self.unroll, name=f'lstm_{layer}')
              for layer, hidden in enumerate(self.hidden_sizes)]
     x, new_carry = layers.awd_stack(self, cells, x, carry, valid, train,
                                     dropout_hidden=self.dropout_hidden, dropout=self.dropout,
@@ -160,6 +161,7 @@ class AWDLSTMMoSLM(nn.Module):
 
 
 def _check(config) -> None:
+  check_int(config, 'lstm_unroll')
   check_int(config, 'n_experts')
   check_int(config, 'nhid_last', minimum=0)
   check_fractions(config, ('dropout_latent',))
@@ -170,8 +172,8 @@ FAMILY = Family('awd_lstm_mos', {
     'nhid_last': 0,  # the last LSTM layer's size (0: emsize)
     'n_experts': 15,  # softmaxes in the mixture
     'dropout_latent': 0.0,  # locked, on the experts' latent vectors
-    **layers.AWD_REGULARISERS,
+    **layers.AWD_REGULARISERS, **UNROLL_KEY,
 }, lambda config, vocab_size, common: AWDLSTMMoSLM(
     vocab_size=vocab_size, nlayers=config.nlayers, nhid_last=config.nhid_last or config.emsize,
-    n_experts=config.n_experts, dropout_latent=config.dropout_latent,
+    n_experts=config.n_experts, dropout_latent=config.dropout_latent, unroll=config.lstm_unroll,
     **pick(config, layers.AWD_REGULARISERS), **common), _check)
