@@ -15,7 +15,7 @@ needed; seeds are fixed. ``--parts=topology`` times only the topology update
 is compiled as the training loop compiles it, data parallel over
 ``config.num_devices`` devices (0: all), and ``gflop_per_device`` and
 ``all_gathers`` report what XLA made of it (``--parts=compile`` reports only
-those, without running). Like
+those and ``compile_s``, without running). Like
 ``experiments.main`` it first keeps freed host memory for reuse
 on CPU (``selfish_jax.host``); ``--noretain_freed_memory`` measures without that.
 """
@@ -187,8 +187,10 @@ def benchmark(config, parts=PARTS) -> dict:
   if 'train' in parts:
     result.update(_time_train_step(config, model, tx, state, window))
   elif 'compile' in parts:
+    start = time.perf_counter()
     compiled, _, window = _compile_train_step(config, model, tx, state, window)
-    result.update(devices=len(window.inputs.sharding.device_set),
+    result.update(compile_s=time.perf_counter() - start,
+                  devices=len(window.inputs.sharding.device_set),
                   **compiled_step_costs(compiled))
   return result
 

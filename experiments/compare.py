@@ -203,11 +203,13 @@ class _TrainingInfo(std_logging.Filter):
 
 @contextlib.contextmanager
 def cell_log(path: str, show: bool):
-  """Within: every log line goes to ``path/train.log`` too, and unless ``show``
-  the terminal leaves out the training code's INFO lines."""
-  os.makedirs(path, exist_ok=True)
-  to_file = std_logging.FileHandler(os.path.join(path, 'train.log'))
-  to_file.setFormatter(absl_logging.PythonFormatter())
+  """Within: every log line goes to ``path/train.log`` too (process 0's), and
+  unless ``show`` the terminal leaves out the training code's INFO lines."""
+  to_file = std_logging.NullHandler()
+  if jax.process_index() == 0:
+    os.makedirs(path, exist_ok=True)
+    to_file = std_logging.FileHandler(os.path.join(path, 'train.log'))
+    to_file.setFormatter(absl_logging.PythonFormatter())
   absl_logging.get_absl_logger().addHandler(to_file)
   terminal, held_back = absl_logging.get_absl_handler(), _TrainingInfo()
   if not show:
