@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from selfish_jax import optim
+from selfish_jax.errors import ConfigError
 from selfish_jax.training import core
 
 LR, WD, CLIP = 0.5, 0.01, 1.0
@@ -254,3 +255,16 @@ def test_adam_moments_of_inactive_weights_are_zeroed():
     np.testing.assert_array_equal(np.asarray(moment['w']) == 0, [False, True, False])
     assert np.all(np.asarray(moment['b']) > 0)  # dense leaves keep theirs
   assert int(adam.count) == 2
+
+
+def test_first_moment_reads_the_moment_stage_of_the_chain_it_was_built_with():
+  p = {'w': jnp.zeros(3)}
+  g = {'w': jnp.array([1.0, -2.0, 0.5])}
+  for name, b1 in (('momentum', 0.9), ('adam', 0.8)):
+    tx = optim.make_optimizer(name, 0.1, weight_decay=0.0, clip_norm=None, momentum=b1)
+    _, state = tx.update(g, tx.init(p), p)
+    # One step from zero: momentum's trace is g; Adam's mu is (1 - b1) * g.
+    want = g['w'] if name == 'momentum' else (1 - b1) * g['w']
+    np.testing.assert_allclose(optim.first_moment(name, state)['w'], want, rtol=1e-6)
+  with pytest.raises(ConfigError, match="optimizer 'sgd' keeps no momentum"):
+    optim.first_moment('sgd', optim.make_optimizer('sgd', 0.1).init(p))
