@@ -15,11 +15,14 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import XLA_TEST_FLAGS
 from selfish_jax.training import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The suite's compiler options (they change LLVM's work, not the HLO that the
+# cost and all-gather checks read), and host devices.
 ENV = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
-       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+       'XLA_FLAGS': f'{XLA_TEST_FLAGS} --xla_force_host_platform_device_count=4'}
 
 
 def _cli(workdir, data_dir, *overrides):
@@ -106,7 +109,8 @@ def test_data_parallel_step_divides_the_work_of_every_family():
   all-reduced. (The plain-autodiff loss, loss_chunk_rows=0, measured the same
   way: README, Devices and scale.)"""
   done = subprocess.run([sys.executable, '-c', _COSTS_SCRIPT, '40'], cwd=ROOT,
-                        env={**ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+                        env={**ENV, 'XLA_FLAGS': f'{XLA_TEST_FLAGS} '
+                                                  '--xla_force_host_platform_device_count=2'},
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   costs = json.loads(done.stdout.strip().splitlines()[-1])
