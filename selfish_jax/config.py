@@ -11,6 +11,7 @@ import ml_collections
 
 from selfish_jax import models, optim
 from selfish_jax.data import corpus
+from selfish_jax.checks import check_choice, check_fractions, check_int
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks, methods, topology
 
@@ -114,34 +115,22 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _check_choice(config, key, choices):
-  if config[key] not in choices:
-    raise ConfigError(f'unknown {key} {config[key]!r}; expected one of {choices}')
-
-
-def _check_positive_int(config, key, minimum=1):
-  value = config[key]
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ConfigError(f'{key} must be an integer >= {minimum}, got {value!r}')
-
-
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises :class:`ConfigError` naming the first bad or unknown value."""
   check_known_keys(config, default_config())
-  _check_choice(config, 'dataset', DATASETS)
+  check_choice(config, 'dataset', DATASETS)
   validate_sparse_training(config)
-  _check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
-  _check_choice(config, 'matmul_precision', MATMUL_PRECISIONS)
+  check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
+  check_choice(config, 'matmul_precision', MATMUL_PRECISIONS)
   if not (isinstance(config.loss_chunk_rows, int) and config.loss_chunk_rows >= 0):
     raise ConfigError(f'loss_chunk_rows must be an integer >= 0, got {config.loss_chunk_rows!r}')
-  if not 0.0 <= config.dropout < 1.0:
-    raise ConfigError(f'dropout must be in [0, 1), got {config.dropout!r}')
+  check_fractions(config, ('dropout',))
   for key in ('emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size', 'bptt',
               'num_epochs', 'log_every'):
-    _check_positive_int(config, key)
+    check_int(config, key)
   for key in ('max_bptt_delta', 'max_steps_per_epoch', 'checkpoint_every_steps',
               'num_devices', 'gradient_groups', 'test_batch_size'):
-    _check_positive_int(config, key, minimum=0)
+    check_int(config, key, minimum=0)
   if config.gradient_groups and config.batch_size % config.gradient_groups:
     raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
                       f'gradient_groups={config.gradient_groups}')
@@ -158,10 +147,10 @@ def check_known_keys(config: ml_collections.ConfigDict,
 
 def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
   """Checks the keys of :func:`add_optimizer_keys` and :func:`add_sparsity_keys`."""
-  _check_choice(config, 'method', METHODS)
-  _check_choice(config, 'sparse_init', SPARSE_INITS)
-  _check_choice(config, 'growth', GROWTH_MODES)
-  _check_choice(config, 'optimizer', OPTIMIZERS)
+  check_choice(config, 'method', METHODS)
+  check_choice(config, 'sparse_init', SPARSE_INITS)
+  check_choice(config, 'growth', GROWTH_MODES)
+  check_choice(config, 'optimizer', OPTIMIZERS)
   method = methods.make_method(config.method, density=config.density, growth=config.growth,
                                total_steps=1)
   if method.scores == 'momentum' and config.optimizer not in ('momentum', 'adam'):
@@ -173,9 +162,9 @@ def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'death_rate must be in [0, 1], got {config.death_rate!r}')
   if not 0.0 < config.update_end_fraction <= 1.0:
     raise ConfigError(f'update_end_fraction must be in (0, 1], got {config.update_end_fraction!r}')
-  _check_positive_int(config, 'update_every')
+  check_int(config, 'update_every')
   for key in ('nonmono', 'asgd_start_epoch'):
-    _check_positive_int(config, key, minimum=0)
+    check_int(config, key, minimum=0)
   restarts = config.asgd_restart_epochs
   if not (isinstance(restarts, (tuple, list)) and all(
       isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in restarts)):

@@ -50,16 +50,3 @@ def pick(config: ml_collections.ConfigDict, keys) -> dict:
 def check_tied_square(config: ml_collections.ConfigDict) -> None:
   if config.tied and config.emsize != config.nhid:
     raise ConfigError(f'tied weights need emsize == nhid, got {config.emsize} and {config.nhid}')
-
-
-def check_fractions(config: ml_collections.ConfigDict, keys) -> None:
-  """Dropout-like keys: each in [0, 1)."""
-  for key in keys:
-    if not 0.0 <= config[key] < 1.0:
-      raise ConfigError(f'{key} must be in [0, 1), got {config[key]!r}')
-
-
-def check_int(config: ml_collections.ConfigDict, key: str, minimum: int = 1) -> None:
-  value = config[key]
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise ConfigError(f'{key} must be an integer >= {minimum}, got {value!r}')

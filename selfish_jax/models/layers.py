@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from selfish_jax.errors import ConfigError
-from selfish_jax.models.family import check_fractions
+from selfish_jax.checks import check_fractions
 
 GateBlocks = tuple[tuple[str, int], ...]  # (gate name, columns) along a fused kernel's last axis
 PENALTIES = 'penalties'  # the Flax collection models sow training penalties into

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from selfish_jax.models import layers
-from selfish_jax.models.family import Family, check_int, check_tied_square
+from selfish_jax.checks import check_int
+from selfish_jax.models.family import Family, check_tied_square
 from selfish_jax.models.layers import GateBlocks, uniform_init
 from selfish_jax.models.softmax import SoftmaxHead
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from selfish_jax.models import layers
-from selfish_jax.models.family import Family, check_fractions, check_int, pick
+from selfish_jax.checks import check_fractions, check_int
+from selfish_jax.models.family import Family, pick
 from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
 from selfish_jax.models.lstm import UNROLL_KEY, Carry, LSTMLayer, lstm_gate_layout, zero_carry
 from selfish_jax.models.softmax import chunk_steps

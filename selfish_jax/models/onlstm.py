@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from selfish_jax.errors import ConfigError
 from selfish_jax.models import layers
-from selfish_jax.models.family import Family, check_int, pick
+from selfish_jax.checks import check_int
+from selfish_jax.models.family import Family, pick
 from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
 from selfish_jax.models.lstm import Carry, zero_carry
 from selfish_jax.models.softmax import SoftmaxHead

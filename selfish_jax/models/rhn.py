@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from selfish_jax.errors import ConfigError
 from selfish_jax.models import layers
-from selfish_jax.models.family import (Family, check_fractions, check_int, check_tied_square,
-                                       pick)
+from selfish_jax.checks import check_fractions, check_int
+from selfish_jax.models.family import Family, check_tied_square, pick
 from selfish_jax.models.layers import GateBlocks, linear_init, uniform_init
 from selfish_jax.models.softmax import SoftmaxHead
 

@@ -21,6 +21,7 @@ import optax
 
 from selfish_jax import config as config_lib
 from selfish_jax import sparsity
+from selfish_jax.checks import check_choice, check_fractions, check_int
 from selfish_jax.data import documents as documents_lib
 from selfish_jax.errors import ConfigError
 from selfish_jax.models.classifier import LSTMClassifier
@@ -66,25 +67,17 @@ def classification_config() -> ml_collections.ConfigDict:
 def validate_classification(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises :class:`ConfigError` naming the first bad or unknown value."""
   config_lib.check_known_keys(config, classification_config())
-  if config.corpus not in documents_lib.DOCUMENT_CORPORA:
-    raise ConfigError(f'unknown corpus {config.corpus!r}; expected one of '
-                      f'{documents_lib.DOCUMENT_CORPORA}')
+  check_choice(config, 'corpus', documents_lib.DOCUMENT_CORPORA)
   config_lib.validate_sparse_training(config)
-  if config.pooling not in POOLINGS:
-    raise ConfigError(f'unknown pooling {config.pooling!r}; expected one of {POOLINGS}')
+  check_choice(config, 'pooling', POOLINGS)
   if not 0.0 < config.held_out_fraction < 1.0:
     raise ConfigError(f'held_out_fraction must be in (0, 1), got {config.held_out_fraction!r}')
-  if not 0.0 <= config.dropout < 1.0:
-    raise ConfigError(f'dropout must be in [0, 1), got {config.dropout!r}')
+  check_fractions(config, ('dropout',))
   for key in ('max_len', 'emsize', 'nhid', 'nlayers', 'batch_size', 'eval_batch_size',
               'num_epochs', 'log_every'):
-    if not isinstance(config[key], int) or config[key] < 1:
-      raise ConfigError(f'{key} must be an integer >= 1, got {config[key]!r}')
-  if not isinstance(config.checkpoint_every_steps, int) or config.checkpoint_every_steps < 0:
-    raise ConfigError('checkpoint_every_steps must be an integer >= 0, got '
-                      f'{config.checkpoint_every_steps!r}')
-  if not isinstance(config.vocab_size, int) or config.vocab_size < 3:
-    raise ConfigError(f'vocab_size must be an integer >= 3, got {config.vocab_size!r}')
+    check_int(config, key)
+  check_int(config, 'checkpoint_every_steps', minimum=0)
+  check_int(config, 'vocab_size', minimum=3)
   return config
 
 

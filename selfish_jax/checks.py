@@ -1,0 +1,28 @@
+"""The checks of config values every config uses (the training config, each
+model family's keys, the classification config), each raising a
+:class:`~selfish_jax.errors.ConfigError` that names the key."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from selfish_jax.errors import ConfigError
+
+
+def check_choice(config: Mapping, key: str, choices: Iterable) -> None:
+  if config[key] not in choices:
+    raise ConfigError(f'unknown {key} {config[key]!r}; expected one of {choices}')
+
+
+def check_int(config: Mapping, key: str, minimum: int = 1) -> None:
+  """An integer (not a bool) of at least ``minimum``."""
+  value = config[key]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ConfigError(f'{key} must be an integer >= {minimum}, got {value!r}')
+
+
+def check_fractions(config: Mapping, keys: Iterable[str]) -> None:
+  """Dropout-like keys: each in [0, 1)."""
+  for key in keys:
+    if not 0.0 <= config[key] < 1.0:
+      raise ConfigError(f'{key} must be in [0, 1), got {config[key]!r}')
