@@ -79,10 +79,7 @@ FORKABLE_OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd')
 def check_forkable(source: str, source_config: dict, config) -> None:
   """Raises ConfigError unless ``config`` may continue the run in ``source``
   (whose config is ``source_config``)."""
-  current = workdir_lib.as_saved(config)
-  changed = sorted(k for k in set(source_config) | set(current)
-                   if k not in core_lib.RESUMABLE_CHANGES | {'optimizer'}
-                   and source_config.get(k) != current.get(k))
+  changed = core_lib.changed_keys(source_config, config, frozenset({'optimizer'}))
   if changed:
     raise ConfigError(f'cannot fork from {source}: its config differs in {", ".join(changed)}')
   for optimizer in (source_config.get('optimizer'), config.optimizer):

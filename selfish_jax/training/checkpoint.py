@@ -51,7 +51,8 @@ class Checkpoints:
 
   def restore_latest(self, like: PyTree) -> tuple[PyTree, dict] | None:
     """``(state, host_state)`` of the latest checkpoint, or None if there is none."""
-    return _restore_state(self._latest, like)
+    restored = _restore_state(self._latest, like)
+    return None if restored is None else (restored['state'], restored['host'])
 
   def latest_masks(self) -> PyTree | None:
     """The masks of the latest checkpoint, read without the model (nested dicts
@@ -66,20 +67,12 @@ class Checkpoints:
   def save_switch(self, step: int, state: PyTree, host_state: dict, best: PyTree) -> None:
     """Saves where averaging switched on: the state, the host state, and the best
     weights so far (a continuation's test must not miss an earlier best)."""
-    self._switch.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state),
-        best=ocp.args.StandardSave(best)), force=True)
-    self._switch.wait_until_finished()
+    _save_state(self._switch, step, state, host_state, best=best)
 
   def restore_switch(self, like: PyTree) -> tuple[PyTree, dict, PyTree] | None:
     """``(state, host_state, best weights)`` where averaging was switched on, or None."""
-    step = self._switch.latest_step()
-    if step is None:
-      return None
-    restored = self._switch.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore(),
-        best=ocp.args.StandardRestore(_abstract(like.params))))
-    return restored['state'], restored['host'], restored['best']
+    restored = _restore_state(self._switch, like, best=like.params)
+    return None if restored is None else (restored['state'], restored['host'], restored['best'])
 
   def save_best(self, epoch: int, weights: PyTree) -> None:
     self._best.save(epoch, args=ocp.args.StandardSave(weights), force=True)
@@ -97,17 +90,21 @@ class Checkpoints:
     self._switch.close()
 
 
-def _save_state(manager: ocp.CheckpointManager, step: int, state: PyTree,
-                host_state: dict) -> None:
+def _save_state(manager: ocp.CheckpointManager, step: int, state: PyTree, host_state: dict,
+                **trees: PyTree) -> None:
+  """Saves ``state``, the JSON ``host_state`` and any further named ``trees``."""
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+      state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state),
+      **{name: ocp.args.StandardSave(tree) for name, tree in trees.items()}), force=True)
   manager.wait_until_finished()
 
 
-def _restore_state(manager: ocp.CheckpointManager, like: PyTree) -> tuple[PyTree, dict] | None:
+def _restore_state(manager: ocp.CheckpointManager, like: PyTree, **tree_likes: PyTree):
+  """The items of the latest :func:`_save_state` (``'state'``, ``'host'`` and
+  the trees named in ``tree_likes``, each shaped like its value), or None."""
   step = manager.latest_step()
   if step is None:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore()))
-  return restored['state'], restored['host']
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore(),
+      **{name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in tree_likes.items()}))

@@ -38,12 +38,22 @@ RESUMABLE_CHANGES = frozenset({'data_dir', 'download', 'download_url', 'log_ever
                                'checkpoint_every_steps', 'num_devices'})
 
 
+def changed_keys(saved: dict, config: ml_collections.ConfigDict,
+                 may_change: frozenset[str] = frozenset()) -> list[str]:
+  """The keys, sorted, in which ``config`` differs from a saved ``config.json``
+  and that would change a run's results (neither in :data:`RESUMABLE_CHANGES`
+  nor in ``may_change``)."""
+  current = workdir_lib.as_saved(config)
+  ignored = RESUMABLE_CHANGES | may_change
+  return sorted(k for k in set(saved) | set(current)
+                if k not in ignored and saved.get(k) != current.get(k))
+
+
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError if ``config`` differs from a workdir's saved config in a key that matters."""
-  current = workdir_lib.as_saved(config)
-  changed = sorted(k for k in set(saved) | set(current)
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+  changed = changed_keys(saved, config)
   if changed:
+    current = workdir_lib.as_saved(config)
     details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
     raise config_lib.ConfigError(f'the workdir holds a run with a different config ({details}); '
                                  'use a new workdir or the same settings')
