@@ -67,31 +67,19 @@ def sparse_averaging() -> optax.GradientTransformationExtraArgs:
         weight_steps=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.int32), params),
         averages=jax.tree.map(jnp.zeros_like, params))
 
-  def update_fn(updates, state, params=None, *, masks: Masks | None = None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError('sparse_averaging needs params')
-    updates = mask_updates(updates, params, masks)
+  def average(state, new_params, masks):
+    steps = map_with_masks(
+        lambda k, m: k + 1 if m is None else jnp.where(m, k + 1, 0), state.weight_steps, masks)
 
-    def average(state):
-      new_params = optax.apply_updates(params, updates)
+    def average_leaf(ax, m, k, p):
+      mu = 1.0 / jnp.maximum(k - 1, 1).astype(p.dtype)
+      ax = jnp.where(k <= 2, p, ax + (p - ax) * mu)
+      return ax if m is None else jnp.where(m, ax, jnp.zeros_like(ax))
 
-      steps = map_with_masks(
-          lambda k, m: k + 1 if m is None else jnp.where(m, k + 1, 0), state.weight_steps, masks)
+    averages = map_with_masks(average_leaf, state.averages, masks, steps, new_params)
+    return SparseAveragingState(state.averaging, steps, averages)
 
-      def average_leaf(ax, m, k, p):
-        mu = 1.0 / jnp.maximum(k - 1, 1).astype(p.dtype)
-        ax = jnp.where(k <= 2, p, ax + (p - ax) * mu)
-        return ax if m is None else jnp.where(m, ax, jnp.zeros_like(ax))
-
-      averages = map_with_masks(average_leaf, state.averages, masks, steps, new_params)
-      return SparseAveragingState(state.averaging, steps, averages)
-
-    # Before the trigger the averages are not needed: skip their cost.
-    state = jax.lax.cond(state.averaging, average, lambda s: s, state)
-    return updates, state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _remask_then_average('sparse_averaging', init_fn, average)
 
 
 def dense_averaging() -> optax.GradientTransformationExtraArgs:
@@ -108,21 +96,31 @@ def dense_averaging() -> optax.GradientTransformationExtraArgs:
     return DenseAveragingState(averaging=jnp.asarray(False), step=jnp.zeros([], jnp.int32),
                                averages=jax.tree.map(jnp.zeros_like, params))
 
+  def average(state, new_params, masks):
+    del masks  # every weight is averaged
+    step = state.step + 1
+    mu = 1.0 / jnp.maximum(step - 1, 1).astype(jnp.float32)
+    averages = jax.tree.map(
+        lambda ax, p: jnp.where(step <= 2, p, ax + (p - ax) * mu.astype(p.dtype)),
+        state.averages, new_params)
+    return DenseAveragingState(state.averaging, step, averages)
+
+  return _remask_then_average('dense_averaging', init_fn, average)
+
+
+def _remask_then_average(name: str, init_fn, average) -> optax.GradientTransformationExtraArgs:
+  """The transform both averagings are: re-mask the updates, then, once
+  ``state.averaging`` is on, ``average(state, params + updates, masks)``."""
+
   def update_fn(updates, state, params=None, *, masks: Masks | None = None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError('dense_averaging needs params')
+      raise ValueError(f'{name} needs params')
     updates = mask_updates(updates, params, masks)
-
-    def average(state):
-      step = state.step + 1
-      mu = 1.0 / jnp.maximum(step - 1, 1).astype(jnp.float32)
-      averages = jax.tree.map(
-          lambda ax, p: jnp.where(step <= 2, p, ax + (p - ax) * mu.astype(p.dtype)),
-          state.averages, optax.apply_updates(params, updates))
-      return DenseAveragingState(state.averaging, step, averages)
-
-    state = jax.lax.cond(state.averaging, average, lambda s: s, state)
+    # Before the trigger the averages are not needed: skip their cost.
+    state = jax.lax.cond(
+        state.averaging,
+        lambda s: average(s, optax.apply_updates(params, updates), masks), lambda s: s, state)
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
