@@ -99,12 +99,15 @@ class _ShuffledBatches:
   def __len__(self) -> int:
     return len(self.labels) // self.batch_size
 
+  def _rows(self, index: int) -> np.ndarray:
+    return self.order[index * self.batch_size:(index + 1) * self.batch_size]
+
   def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+    rows = self._rows(index)
     return self.ids[rows], self.weights[rows], self.labels[rows]
 
   def tokens(self, index: int) -> int:
-    return int(self[index][1].sum())
+    return int(self.weights[self._rows(index)].sum())
 
 
 class Classification:
