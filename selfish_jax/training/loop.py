@@ -173,8 +173,9 @@ class Run:
         for index in range(host.window, epoch_steps):
           self.state, loss = task.train_step(self.state, batches[index])
           step += 1
-          interval_tokens += batches.tokens(index)
-          epoch_tokens += batches.tokens(index)
+          tokens = batches.tokens(index)
+          interval_tokens += tokens
+          epoch_tokens += tokens
           self.state = core.after_step(self.state, step)
           losses.append(loss)
           self._unchecked.append((step, loss))
