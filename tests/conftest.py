@@ -16,6 +16,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # older elemental emitters compile a tiny train step in two thirds of the time
 # of its MLIR fusion emitters.
 XLA_TEST_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
+# For the few tests whose programs run for seconds: ``jitted.lower(...).compile(
+# compiler_options=OPTIMISED)`` compiles one program with LLVM's usual optimisations.
+OPTIMISED = {'xla_backend_optimization_level': 2}
 os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {XLA_TEST_FLAGS}'.strip()
 
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
