@@ -18,6 +18,7 @@ def test_benchmark_prints_the_promised_figures():
   assert figures['loss_last_timed_step'] < figures['loss_first_timed_step'] - 0.01
   # The timed topology updates keep the exact density: 25 % of every matrix.
   assert figures['density_after_topology_updates'] == pytest.approx(0.25, abs=1e-4)
+  assert figures['topology_update_s'] > 0 and figures['topology_update_after_update_s'] > 0
   # One device: nothing to gather, and XLA's count of the step's work is there.
   assert figures['devices'] == 1 and figures['all_gathers'] == 0
   assert figures['gflop_per_device'] > 0
