@@ -100,12 +100,29 @@ def _row_length(size: int) -> int | None:
   return None
 
 
+def _row_sums(rows: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """``jnp.sum(rows, axis=1, dtype=dtype)``, summed in segments of at most 32 entries.
+
+  XLA:CPU rewrites a reduction over more than 32 entries into a windowed
+  reduction that cannot fuse with what computes its input, so the input (a
+  pass's flags) would be written out and read back; segments of at most 32
+  keep the whole pass one fused loop.
+  """
+  length = rows.shape[1]
+  segment = max(d for d in range(1, 33) if length % d == 0)
+  if segment == length or segment < 16:  # short rows, or too many segments to add
+    return jnp.sum(rows, axis=1, dtype=dtype)
+  sums = jnp.sum(rows.reshape(rows.shape[0], length // segment, segment), axis=2, dtype=dtype)
+  # Added one by one: XLA would merge a second reduction back into the first.
+  return functools.reduce(jnp.add, (sums[:, i] for i in range(length // segment)))
+
+
 def count_true(flags: jax.Array) -> jax.Array:
   """``jnp.sum(flags)`` as int32, several times faster on XLA:CPU for large arrays."""
   flat = flags.ravel()
   length = _row_length(flat.size) or 120
   rows = jnp.pad(flat, (0, -flat.size % length)).reshape(-1, length).astype(jnp.int8)
-  return jnp.sum(jnp.sum(rows, axis=1, dtype=jnp.int8), dtype=jnp.int32)
+  return jnp.sum(_row_sums(rows, jnp.int8), dtype=jnp.int32)
 
 
 def _counts_at_most(rows: jax.Array, thresholds: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -118,7 +135,7 @@ def _counts_at_most(rows: jax.Array, thresholds: jax.Array) -> tuple[jax.Array, 
   """
   packed = ((rows <= thresholds[0]).astype(jnp.uint16)
             | ((rows <= thresholds[1]).astype(jnp.uint16) << 8))
-  row_sums = jnp.sum(packed, axis=1, dtype=jnp.uint16)
+  row_sums = _row_sums(packed, jnp.uint16)
   row_counts = jnp.stack([(row_sums & 0xFF).astype(jnp.uint8), (row_sums >> 8).astype(jnp.uint8)])
   return jnp.sum(row_counts, axis=1, dtype=jnp.int32), row_counts
 
