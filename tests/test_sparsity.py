@@ -120,6 +120,26 @@ def test_selection_on_a_large_array_with_many_ties_matches_a_stable_sort(k):
   assert int(np.sum(values[eligible] == 0)) > select._FINISH_KEYS
 
 
+@pytest.mark.parametrize('key_space', select.KEY_SPACES)
+def test_key_spaces_steer_the_search_but_never_change_the_result(key_space):
+  # Keys crowded into a sliver of the range, unlike any space's guess (the
+  # 'hashed' one starts at k/m of the whole range): extra passes, same cut.
+  rng = np.random.default_rng(3)
+  n = 130_000
+  keys = jnp.asarray(rng.integers(1 << 20, (1 << 20) + 5_000, n, dtype=np.uint32))
+  eligible = rng.random(n) < 0.5
+  key_fn = select.among_false(lambda _, key, e: jnp.where(e, key, jnp.uint32(0xFFFFFFFF)))
+  for k in [1, 20_000, int((~eligible).sum())]:
+    cut = select.smallest_cut(key_fn, (keys, jnp.asarray(eligible)), k, key_space=key_space)
+    chosen = np.asarray(cut.chosen(key_fn(select.positions((n,)), keys, jnp.asarray(eligible)),
+                                   select.positions((n,))))
+    # among_false: the entries whose flag is False are the eligible ones.
+    order = [i for i in np.argsort(np.asarray(keys), kind='stable') if not eligible[i]]
+    expected = np.zeros(n, bool)
+    expected[order[:k]] = True
+    np.testing.assert_array_equal(chosen, expected, err_msg=f'k={k}')
+
+
 def test_unknown_key_space_is_rejected():
   with pytest.raises(ValueError, match='key space'):
     select.smallest_cut(select.smallest_magnitude_keys, (jnp.ones(8), jnp.ones(8, bool)), 2,

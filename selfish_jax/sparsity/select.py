@@ -5,7 +5,7 @@ matrix. XLA's CPU sort takes seconds on the 15M-entry matrices of the paper's
 large models, so selection instead searches for the k-th key with full passes
 that only count (a compare-and-sum is a few milliseconds per 15M entries): a
 bracketing search on the 32-bit key space, started from a small sorted sample
-and refined by secant steps with bisection as the safeguard, until the bracket
+(for hashed keys, from where k/m of the range lies) and refined by secant steps with bisection as the safeguard, until the bracket
 holds a few hundred keys; the rows holding those are then gathered and sorted.
 Arrays below :data:`SORT_BELOW` entries are simply argsorted (same result).
 """
@@ -66,23 +66,26 @@ _PROBES = 2  # thresholds counted per pass (packed into one uint16 row sum)
 _SAMPLE = 1 << 15  # keys sampled to bracket the k-th key before the first pass
 # A search stops passing over the whole array once its bracket holds at most
 # this many keys: the rows holding them are gathered and sorted instead.
-_FINISH_KEYS = 256
+_FINISH_KEYS = 512
 
 
 KeyFn = Callable[..., jax.Array]  # key_fn(positions, *inputs) -> uint32 keys, elementwise
 
 # How keys spread over the uint32 range, which decides where a search guesses
-# the k-th key between two counted ones: 'uniform' (linearly, e.g. hashes);
+# the k-th key between two counted ones: 'uniform' (linearly); 'hashed'
+# (uniformly over the whole range by construction, e.g. hashes of positions:
+# the k-th of m keys lies near k/m of the range, so the search needs no sample);
 # 'float' (keys are the bits of non-negative floats, e.g. magnitudes, whose
 # density jumps at every power of two: guesses interpolate the floats);
 # 'inverted_float' (the complement of such bits, for largest-first orders).
-KEY_SPACES = ('uniform', 'float', 'inverted_float')
+KEY_SPACES = ('uniform', 'hashed', 'float', 'inverted_float')
 _LARGEST_FLOAT_BITS = 0x7F7FFFFF
+_LARGEST_UINT32_FLOAT = 4294967040.0  # the largest float32 below 2**32
 
 
 def _interpolate(lo: jax.Array, hi: jax.Array, fractions: jax.Array, key_space: str) -> jax.Array:
   """Keys about ``fractions`` of the way from key ``lo`` to key ``hi``."""
-  if key_space == 'uniform':
+  if key_space in ('uniform', 'hashed'):
     return lo + (fractions * (hi - lo).astype(jnp.float32)).astype(jnp.uint32)
   invert = (lambda key: ~key) if key_space == 'inverted_float' else (lambda key: key)
   as_float = lambda key: jax.lax.bitcast_convert_type(
@@ -251,18 +254,27 @@ def _bracket_kth(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array,
   ``_FINISH_KEYS`` keys, holds only one key value, or ``count(keys <= hi) == k``.
 
   Ineligible entries have key 0xFFFFFFFF. Requires ``1 <= k <= eligible_count``.
-  A sorted strided sample brackets the k-th key first; then every pass counts
+  A sorted strided sample (for 'hashed' keys, the binomial spread of the
+  count) brackets the k-th key first; then every pass counts
   at ``_PROBES`` thresholds placed around a secant estimate on the empirical
   CDF in ``key_space`` (spread by the expected error of the estimate), or at
-  the thirds of the bracket after a pass that did not halve it. Typically 3 passes.
+  the thirds of the bracket after a pass that did not halve it. Typically 2 passes
+  (hashed keys) or 3 (magnitudes).
   """
-  sample = jnp.sort(keys.sample(max(1, keys.size // _SAMPLE)))
-  sampled = jnp.sum(sample != jnp.uint32(_UINT32_MAX), dtype=jnp.int32)
   q = k.astype(jnp.float32) / eligible_count.astype(jnp.float32)
-  sigma = jnp.sqrt(q * (1 - q) / jnp.maximum(sampled, 1).astype(jnp.float32))
-  at = lambda x: sample[jnp.clip(x.astype(jnp.int32), 0, jnp.maximum(sampled - 1, 0))]
-  low = at(jnp.floor((q - 4 * sigma) * sampled) - 2)
-  high = at(jnp.ceil((q + 4 * sigma) * sampled) + 1)
+  if key_space == 'hashed':
+    # The count of keys at most a fraction x of the range is ~Binomial(m, x):
+    # 4 standard deviations either side of q bracket the k-th key.
+    sigma = jnp.sqrt(q * (1 - q) / eligible_count.astype(jnp.float32))
+    of_range = lambda x: (jnp.clip(x, 0.0, 1.0) * _LARGEST_UINT32_FLOAT).astype(jnp.uint32)
+    low, high = of_range(q - 4 * sigma), of_range(q + 4 * sigma)
+  else:
+    sample = jnp.sort(keys.sample(max(1, keys.size // _SAMPLE)))
+    sampled = jnp.sum(sample != jnp.uint32(_UINT32_MAX), dtype=jnp.int32)
+    sigma = jnp.sqrt(q * (1 - q) / jnp.maximum(sampled, 1).astype(jnp.float32))
+    at = lambda x: sample[jnp.clip(x.astype(jnp.int32), 0, jnp.maximum(sampled - 1, 0))]
+    low = at(jnp.floor((q - 4 * sigma) * sampled) - 2)
+    high = at(jnp.ceil((q + 4 * sigma) * sampled) + 1)
   no_rows = jnp.zeros((keys.num_rows,), jnp.uint8)
   bracket = _Bracket(jnp.uint32(0), jnp.uint32(_UINT32_MAX - 1), jnp.int32(0), eligible_count,
                      no_rows, no_rows, jnp.bool_(False))
@@ -285,7 +297,7 @@ def _bracket_kth(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array,
     # plus, for floats, the curvature of their CDF across the bracket (about
     # an eighth of the bracket's share of all keys for smooth densities).
     spread = 2.0 / jnp.sqrt(inside)
-    if key_space != 'uniform':
+    if key_space in ('float', 'inverted_float'):
       spread += 0.25 * inside / eligible_count.astype(jnp.float32)
     secant = jnp.clip(fraction + jnp.array([-1.0, 1.0], jnp.float32) * spread, 0.0, 1.0)
     thirds = _interpolate(b.lo, b.hi, jnp.array([1 / 3, 2 / 3], jnp.float32), 'uniform')
@@ -460,6 +472,13 @@ def largest_magnitude_keys(_, values: jax.Array, eligible: jax.Array) -> jax.Arr
   return _eligible_key(eligible, ~magnitude_keys(values))
 
 
+def among_false(key_fn: KeyFn) -> KeyFn:
+  """``key_fn`` with its last input, the eligibility flags, inverted: it ranks
+  the entries whose flag is False. Inverting inside every pass costs nothing,
+  where passing ``~flags`` would write the complement out first."""
+  return lambda positions, *inputs: key_fn(positions, *inputs[:-1], ~inputs[-1])
+
+
 def random_order_keys(key: jax.Array) -> KeyFn:
   """Key function ``(positions, eligible)``: a random order of positions drawn from ``key``.
 
@@ -496,5 +515,5 @@ def random_subset(key: jax.Array, eligible: jax.Array, k: jax.Array,
 
   The same choice as ``select_largest(random_keys(key, shape), eligible, k)``.
   """
-  return smallest_by(random_order_keys(key), (eligible,), k, eligible_count,
+  return smallest_by(random_order_keys(key), (eligible,), k, eligible_count, 'hashed',
                      sort_below=sort_below)
