@@ -101,27 +101,33 @@ def _lstm_recurrence_bwd(compute_dtype, unroll, residuals, cotangents):
   w_rec, previous_h, previous_c, cs, gates, valid = residuals
   d_hs, (d_h_last, d_c_last) = cotangents
   w_t = w_rec.T.astype(compute_dtype)
+  # Every factor that does not depend on the cotangents flowing back through
+  # time is computed for all steps at once, outside the sequential loop: on
+  # the CPU one large elementwise pass costs far less than T small ones.
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  tanh_c = jnp.tanh(cs)
+  c_per_h = o * (1 - tanh_c * tanh_c)  # d c / d h through h = o * tanh(c)
+  # d pre = [d_c, d_c, d_c, d_h] * pre_per_ch, blocks i, f, g, o.
+  pre_per_ch = jnp.concatenate([g * i * (1 - i), previous_c * f * (1 - f), i * (1 - g * g),
+                                tanh_c * o * (1 - o)], axis=-1)
+  if valid is not None:  # a held step passes its cotangents straight through
+    pre_per_ch = jnp.where(valid, pre_per_ch, 0.0)
 
   def step(carry, inputs):
     d_h_next, d_c_next = carry
-    d_h_out, c_prev, c, gate, valid_t = inputs
-    i, f, g, o = jnp.split(gate, 4, axis=-1)
+    d_h_out, c_per_h_t, pre_per_ch_t, f_t, valid_t = inputs
     d_h = d_h_out + d_h_next
-    tanh_c = jnp.tanh(c)
-    d_c = d_c_next + d_h * o * (1 - tanh_c * tanh_c)
-    d_pre = jnp.concatenate([d_c * g * i * (1 - i), d_c * c_prev * f * (1 - f),
-                             d_c * i * (1 - g * g), d_h * tanh_c * o * (1 - o)], axis=-1)
-    if valid_t is not None:  # a held step passes its cotangents straight through
-      d_pre = jnp.where(valid_t, d_pre, 0.0)
+    d_c = d_c_next + d_h * c_per_h_t
+    d_pre = jnp.concatenate([d_c, d_c, d_c, d_h], axis=-1) * pre_per_ch_t
     d_h_prev = jnp.dot(d_pre.astype(compute_dtype), w_t, preferred_element_type=jnp.float32)
-    d_c_prev = d_c * f
+    d_c_prev = d_c * f_t
     if valid_t is not None:
       d_h_prev = jnp.where(valid_t, d_h_prev, d_h)
       d_c_prev = jnp.where(valid_t, d_c_prev, d_c_next)
     return (d_h_prev, d_c_prev), d_pre
 
   (d_h0, d_c0), d_projected = jax.lax.scan(
-      step, (d_h_last, d_c_last), (d_hs, previous_c, cs, gates, valid), reverse=True,
+      step, (d_h_last, d_c_last), (d_hs, c_per_h, pre_per_ch, f, valid), reverse=True,
       unroll=unroll)
   # Contracting time and batch in place (no [T*B, .] reshape): a batch split
   # over devices stays split, and XLA all-reduces the partial products.
