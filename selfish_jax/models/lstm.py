@@ -64,9 +64,10 @@ def lstm_recurrence(projected: jax.Array, w_rec: jax.Array, carry: Carry,
   a batch sharded over devices is never gathered).
 
   ``unroll`` is the time steps per loop iteration of both loops. On the CPU, 1
-  is the fastest and compiles fastest (2x200 LSTM, batch 20, 35 steps: 68 ms a
-  step and 2 s to compile; fully unrolled 84 ms and 23 s); on an accelerator,
-  measure (``benchmarks.step --config.lstm_unroll=N`` reports both).
+  compiles fastest and runs as fast as 2 or 5 (2x200 LSTM, batch 20, 35 steps);
+  full unrolling made the train step slower (84 against 68 ms) and took 23 s to
+  compile instead of 2. On an accelerator, measure
+  (``benchmarks.step --config.lstm_unroll=N`` reports both).
   """
   outputs, carry, _ = _lstm_forward(projected, w_rec, carry, valid, compute_dtype, unroll)
   return outputs, carry
