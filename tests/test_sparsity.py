@@ -315,6 +315,32 @@ def test_random_subsets_are_uniform_over_positions():
   assert together == pytest.approx((k / n) * ((k - 1) / (n - 1)), abs=0.002)
 
 
+def test_successive_regrowths_are_independent_draws():
+  # Whatever removal takes, a regrowth that draws its k positions uniformly
+  # and independently of earlier draws leaves a never-active position so with
+  # probability 1 - k / free, so after updates u the fraction ever active is
+  # 1 - (1 - d) * prod_u (1 - k_u / (n - active + k_u)). Correlated hashes
+  # (one update's draw favouring another's positions) would fall short of it.
+  shape, density = (300, 400), 0.33
+  n = shape[0] * shape[1]
+  rng = np.random.default_rng(0)
+  mask = jnp.asarray(rng.random(shape) < density)
+  active = int(mask.sum())
+  ever = np.array(mask)
+  never = 1 - active / n
+  update = jax.jit(sparsity.update_leaf)
+  for u, rate in enumerate([0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]):
+    weights = jnp.where(mask, jnp.asarray(rng.normal(size=shape), jnp.float32), 0.0)
+    _, mask = update(weights, mask, jax.random.key(u), rate)
+    ever |= np.asarray(mask)
+    k = math.ceil(np.float32(rate) * np.float32(active))
+    never *= 1 - k / (n - active + k)
+  assert int(mask.sum()) == active
+  expected = 1 - never
+  sd = math.sqrt(expected * (1 - expected) / n)
+  assert abs(ever.mean() - expected) < 4 * sd, (ever.mean(), expected, sd)
+
+
 def test_nnstd_matches_neurons_before_comparing_their_input_sets():
   a = np.array([[1, 0], [1, 1], [0, 1]], bool)  # column inputs {0, 1} and {1, 2}
   b = np.array([[1, 0], [0, 1], [0, 1]], bool)  # {0} and {1, 2}
