@@ -117,10 +117,13 @@ def _remask_then_average(name: str, init_fn, average) -> optax.GradientTransform
     if params is None:
       raise ValueError(f'{name} needs params')
     updates = mask_updates(updates, params, masks)
+    # Computed outside the cond: the caller's apply_updates is the same sum,
+    # which XLA then computes once, in place, instead of passing the old
+    # params (a copy, as they are donated) and the updates into the cond.
+    new_params = optax.apply_updates(params, updates)
     # Before the trigger the averages are not needed: skip their cost.
     state = jax.lax.cond(
-        state.averaging,
-        lambda s: average(s, optax.apply_updates(params, updates), masks), lambda s: s, state)
+        state.averaging, lambda s: average(s, new_params, masks), lambda s: s, state)
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
