@@ -173,11 +173,16 @@ def _autodiff_recurrence(projected, w_rec, carry, valid=None):
   return hs, carry
 
 
-@pytest.mark.parametrize('dtype, tolerance, steps_, unroll', [
-    (jnp.float32, 1e-5, 7, 1), (jnp.bfloat16, 3e-2, 7, 1),
+@pytest.mark.parametrize('dtype, tolerance, steps_, unroll, in_place', [
+    (jnp.float32, 1e-5, 7, 1, False), (jnp.bfloat16, 3e-2, 7, 1, False),
     # Several steps per loop iteration, with a remainder; and all of them.
-    (jnp.float32, 1e-5, 11, 4), (jnp.float32, 1e-5, 7, 7)])
-def test_lstm_recurrence_gradient_equals_autodiff(dtype, tolerance, steps_, unroll):
+    (jnp.float32, 1e-5, 11, 4, False), (jnp.float32, 1e-5, 7, 7, False),
+    # The backward loop contracting w_rec in place, as it does for large kernels.
+    (jnp.float32, 1e-5, 7, 1, True), (jnp.bfloat16, 3e-2, 7, 1, True)])
+def test_lstm_recurrence_gradient_equals_autodiff(dtype, tolerance, steps_, unroll, in_place,
+                                                  monkeypatch):
+  if in_place:
+    monkeypatch.setattr(lstm, '_TRANSPOSE_BELOW', 0)
   keys = jax.random.split(jax.random.key(0), 6)
   batch, hidden = 3, 5
   projected = jax.random.normal(keys[0], (steps_, batch, 4 * hidden))
