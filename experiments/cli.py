@@ -150,6 +150,10 @@ class DistributedFlags:
     self.coordinator = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
     self.num_processes = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
     self.process_id = flags.DEFINE_integer('process_id', None, "This process's index.")
+    self.heartbeat_timeout = flags.DEFINE_integer(
+        'heartbeat_timeout', 100, 'Seconds without a heartbeat after which the processes take one '
+        'of them for dead (JAX\'s default, 100). A process that dies while the others wait for it '
+        'outside a collective (in a checkpoint\'s barrier) is noticed only then.')
 
   def run(self, train: Callable[[], object]) -> None:
     """Starts the multi-process runtime if asked, tunes the host for the backend,
@@ -162,7 +166,8 @@ class DistributedFlags:
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize(coordinator_address=self.coordinator.value,
                                num_processes=self.num_processes.value,
-                               process_id=self.process_id.value)
+                               process_id=self.process_id.value,
+                               heartbeat_timeout_seconds=self.heartbeat_timeout.value)
     run_distributed(train)
 
 

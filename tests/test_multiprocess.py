@@ -47,11 +47,11 @@ class Process:
     return self.popen.returncode, open(self.log).read()
 
 
-def _start_processes(workdirs, data_dir, steps=10):
+def _start_processes(workdirs, data_dir, steps=10, extra=()):
   port = _free_port()
   return [Process([sys.executable, *_args(workdir, data_dir, steps), '--distributed',
                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                   f'--process_id={i}'], f'{workdir}.{i}.{port}.log')
+                   f'--process_id={i}', *extra], f'{workdir}.{i}.{port}.log')
           for i, workdir in enumerate(workdirs)]
 
 
@@ -112,7 +112,10 @@ def test_killed_processes_resume_to_the_same_run(one_process_two_devices, text_c
 
 
 def test_a_dying_process_stops_the_other_with_one_line(text_corpus_dir, tmp_path):
-  processes = _start_processes([tmp_path / 'run'] * 2, text_corpus_dir, steps=2000)
+  # Killed inside a checkpoint's barrier, a process is noticed only when its
+  # heartbeats stop counting: 100 s by default, 20 s here.
+  processes = _start_processes([tmp_path / 'run'] * 2, text_corpus_dir, steps=2000,
+                               extra=['--heartbeat_timeout=20'])
   _wait_for_step(tmp_path / 'run', 20, processes)
   processes[1].popen.send_signal(signal.SIGKILL)
   killed = time.time()
