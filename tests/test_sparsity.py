@@ -294,6 +294,13 @@ def test_lazy_selections_match_a_numpy_stable_sort(shape, sort_below):
       select.largest_magnitudes(values, eligible, 77, sort_below=sort_below),
       _stable_selection(np.abs(np.asarray(values)), eligible, 77, largest=True))
   assert int(select.count_true(eligible)) == int(np.sum(np.asarray(eligible)))
+  # complement: the same choice among the False entries, never materialising ~eligible.
+  np.testing.assert_array_equal(
+      select.random_subset(key, eligible, 300, sort_below=sort_below, complement=True),
+      select.random_subset(key, ~eligible, 300, sort_below=sort_below))
+  np.testing.assert_array_equal(
+      select.largest_magnitudes(values, eligible, 77, sort_below=sort_below, complement=True),
+      select.largest_magnitudes(values, ~eligible, 77, sort_below=sort_below))
 
 
 def test_random_subsets_are_uniform_over_positions():

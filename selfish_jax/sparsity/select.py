@@ -5,8 +5,9 @@ matrix. XLA's CPU sort takes seconds on the 15M-entry matrices of the paper's
 large models, so selection instead searches for the k-th key with full passes
 that only count (a compare-and-sum is a few milliseconds per 15M entries): a
 bracketing search on the 32-bit key space, started from a small sorted sample
-(for hashed keys, from where k/m of the range lies) and refined by secant steps with bisection as the safeguard, until the bracket
-holds a few hundred keys; the rows holding those are then gathered and sorted.
+(for hashed keys, from where k/m of the range lies) and refined by secant
+steps with bisection as the safeguard, until the bracket holds a few hundred
+keys; the rows holding those are then gathered and sorted.
 Arrays below :data:`SORT_BELOW` entries are simply argsorted (same result).
 """
 
@@ -501,22 +502,25 @@ def smallest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
                      sort_below)
 
 
-@functools.partial(jax.jit, static_argnames='sort_below')
+@functools.partial(jax.jit, static_argnames=('sort_below', 'complement'))
 def largest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
                        eligible_count: jax.Array | None = None,
-                       sort_below: int = SORT_BELOW) -> jax.Array:
-  """The ``k`` eligible entries with the largest ``|values|``."""
-  return smallest_by(largest_magnitude_keys, (values, eligible), k, eligible_count,
-                     'inverted_float', sort_below)
+                       sort_below: int = SORT_BELOW, *, complement: bool = False) -> jax.Array:
+  """The ``k`` eligible entries with the largest ``|values|``; with ``complement``
+  the eligible entries are those whose ``eligible`` is False (see :func:`among_false`)."""
+  key_fn = among_false(largest_magnitude_keys) if complement else largest_magnitude_keys
+  return smallest_by(key_fn, (values, eligible), k, eligible_count, 'inverted_float', sort_below)
 
 
-@functools.partial(jax.jit, static_argnames='sort_below')
+@functools.partial(jax.jit, static_argnames=('sort_below', 'complement'))
 def random_subset(key: jax.Array, eligible: jax.Array, k: jax.Array,
                   eligible_count: jax.Array | None = None,
-                  sort_below: int = SORT_BELOW) -> jax.Array:
-  """``k`` eligible positions drawn uniformly without replacement.
+                  sort_below: int = SORT_BELOW, *, complement: bool = False) -> jax.Array:
+  """``k`` eligible positions drawn uniformly without replacement; with
+  ``complement`` the eligible positions are those whose ``eligible`` is False.
 
   The same choice as ``select_largest(random_keys(key, shape), eligible, k)``.
   """
-  return smallest_by(random_order_keys(key), (eligible,), k, eligible_count, 'hashed',
-                     sort_below=sort_below)
+  key_fn = random_order_keys(key)
+  return smallest_by(among_false(key_fn) if complement else key_fn, (eligible,), k,
+                     eligible_count, 'hashed', sort_below=sort_below)

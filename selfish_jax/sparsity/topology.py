@@ -96,14 +96,12 @@ def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate:
   count = num_to_remove(active, death_rate)
   survivors = mask & ~removal_mask(weights, mask, count, removal, active)
   free = mask.size - active + count
-  # Regrowth ranks the positions the survivors leave free, inverting the
-  # survivors inside each counting pass instead of writing out their complement.
+  # Regrowth ranks the positions the survivors leave free (``complement``: the
+  # survivors are inverted inside each counting pass, never written out).
   if scores is None:
-    grown = select.smallest_by(select.among_false(select.random_order_keys(key)), (survivors,),
-                               count, free, 'hashed')
+    grown = select.random_subset(key, survivors, count, free, complement=True)
   else:
-    grown = select.smallest_by(select.among_false(select.largest_magnitude_keys),
-                               (scores, survivors), count, free, 'inverted_float')
+    grown = select.largest_magnitudes(scores, survivors, count, free, complement=True)
   new_mask = survivors | grown
   return keep_weights(weights, mask, new_mask), new_mask
 
