@@ -65,6 +65,18 @@ def text_corpus_dir(tmp_path_factory):
   return write_text_corpus(tmp_path_factory.mktemp('text_corpus'))
 
 
+@pytest.fixture(scope='session')
+def gcs():
+  """A fake Cloud Storage server on 127.0.0.1 (:mod:`fake_gcs`), one per test
+  process: ``gs://bucket/...`` paths in this process reach it, and so do they
+  in subprocesses given ``gcs.env``. Tests keep to their own prefixes."""
+  import fake_gcs  # pylint: disable=g-import-not-at-top
+  with fake_gcs.serve() as server, pytest.MonkeyPatch.context() as patch:
+    for name, value in server.env.items():
+      patch.setenv(name, value)
+    yield server
+
+
 class Interrupted(Exception):
   """Stops a run the way a crash would (see :func:`run_until`)."""
 

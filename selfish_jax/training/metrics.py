@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 from etils import epath
 
+from selfish_jax.training import workdir as workdir_lib
+
 try:  # TensorBoard event files are optional.
   from tensorboardX import SummaryWriter
 except ImportError:  # pragma: no cover
@@ -75,32 +77,42 @@ class MetricWriter:
   def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
     """``enabled=False`` (processes other than 0 of a multi-host run) writes nothing.
 
-    TensorBoard event files are written for local workdirs; for an
-    object-store URL only ``metrics.jsonl`` is (through ``etils.epath``).
+    TensorBoard event files are written for local workdirs only. An object
+    store (``gs://...``) cannot append, so there the writer keeps the run's
+    records and uploads the whole ``metrics.jsonl`` on every write: each
+    upload replaces the object at once, so a reader never sees a part.
     """
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
+    self._records = None  # the file's records, where it is rewritten whole
     if enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      if tensorboard and SummaryWriter is not None and '://' not in workdir:
+      if workdir_lib.is_object_store(workdir):
+        self._records = read_records(self.path)
+      elif tensorboard and SummaryWriter is not None:
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def truncate_after(self, step: int) -> None:
     if not self.enabled:
       return
-    kept = [r for r in read_records(self.path) if r.get('step', 0) <= step]
-    tmp = epath.Path(self.path + '.tmp')
-    tmp.write_text(''.join(json.dumps(record) + '\n' for record in kept))
-    tmp.replace(self.path)
+    self._rewrite([r for r in read_records(self.path) if r.get('step', 0) <= step])
+
+  def _rewrite(self, records: list[dict]) -> None:
+    workdir_lib.write_text_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in records))
+    if self._records is not None:
+      self._records = records
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
              for k, v in record.items()}
-    with epath.Path(self.path).open('a') as f:
-      f.write(json.dumps(clean) + '\n')
+    if self._records is not None:
+      self._rewrite(self._records + [clean])
+    else:
+      with epath.Path(self.path).open('a') as f:
+        f.write(json.dumps(clean) + '\n')
     if self._tb is not None:
       step = int(record['step'])
       for name, value in _flatten({k: v for k, v in record.items() if k != 'step'}).items():

@@ -1,0 +1,82 @@
+"""A workdir on an object store (``gs://`` on a fake server, see ``fake_gcs``):
+what cannot append or rename there still keeps every line.
+
+The whole run (train, preempt, resume) on ``gs://`` is in test_preemption.py.
+"""
+
+import json
+
+from absl import logging
+from etils import epath
+
+import fake_gcs
+from experiments import compare
+from experiments.configs import ptb_lstm_small
+from selfish_jax.training import metrics, workdir as workdir_lib
+
+
+def _gs(tmp_path, name=''):
+  return f'gs://{fake_gcs.BUCKET}/{tmp_path.name}' + (f'/{name}' if name else '')
+
+
+def _stored_records(gcs, tmp_path, run):
+  text = gcs.read(f'{tmp_path.name}/{run}/metrics.jsonl')
+  return [json.loads(line) for line in text.splitlines()]
+
+
+def test_metrics_keep_every_record_and_a_resume_truncates(gcs, tmp_path):
+  workdir = _gs(tmp_path, 'run')
+  writer = metrics.MetricWriter(workdir)
+  for step in (1, 2, 3):
+    writer.write({'step': step, 'loss': float(step)})
+  # gcsfs has no append: opened with 'a', each write replaced the file.
+  assert [r['step'] for r in _stored_records(gcs, tmp_path, 'run')] == [1, 2, 3]
+
+  resumed = metrics.MetricWriter(workdir)  # a run restored at step 2
+  resumed.truncate_after(2)
+  resumed.write({'step': 3, 'loss': 9.0})
+  resumed.write({'step': 4, 'test_ppl': 50.0})
+  assert [(r['step'], r.get('loss')) for r in _stored_records(gcs, tmp_path, 'run')] == [
+      (1, 1.0), (2, 2.0), (3, 9.0), (4, None)]
+  assert metrics.final_record(workdir)['test_ppl'] == 50.0  # the reader, through gcsfs
+  assert not any(name.endswith('.tmp') or '.tmp-' in name
+                 for name in gcs.names(tmp_path.name + '/'))
+
+
+def test_config_is_written_whole_without_a_temporary_object(gcs, tmp_path):
+  workdir = _gs(tmp_path, 'run')
+  workdir_lib.open_workdir(workdir, {'lr': 20.0}, check=lambda saved: None)
+  assert workdir_lib.read_config(workdir) == {'lr': 20.0}
+  assert gcs.names(tmp_path.name + '/') == [f'{tmp_path.name}/run/config.json']
+  seen = []
+  workdir_lib.open_workdir(workdir, {'lr': 40.0}, check=seen.append)  # a resume checks it
+  assert seen == [{'lr': 20.0}] and workdir_lib.read_config(workdir) == {'lr': 20.0}
+
+
+def test_a_sweep_on_gs_collects_reports_and_logs_its_cells(gcs, tmp_path):
+  sweep = _gs(tmp_path)
+  for name, test_ppl in (('selfish-snt_asgd-seed1', 80.0), ('set-snt_asgd-seed1', 90.0)):
+    records = [{'step': i + 1, 'epoch': i + 1, 'val_loss': v, 'val_ppl': 2.0 ** v}
+               for i, v in enumerate([6.0, 5.0, 4.8])]
+    records.append({'step': 4, 'test_ppl': test_ppl, 'best_val_ppl': 2.0 ** 4.8,
+                    'density': 0.33, 'params': 100, 'train_flops_relative': 0.4})
+    epath.Path(sweep, name, 'metrics.jsonl').write_text(
+        ''.join(json.dumps(r) + '\n' for r in records))
+  base = ptb_lstm_small.get_config()
+  rows = compare.collect(base, sweep, ['selfish', 'set'], ['sgd', 'snt_asgd'], [1], {})
+  # Each sgd cell is its snt_asgd twin (the trigger never fired in 3 epochs).
+  assert [(r['method'], r['optimizer'], r['test_ppl'][0]) for r in rows] == [
+      ('selfish', 'sgd', 80.0), ('selfish', 'snt_asgd', 80.0),
+      ('set', 'sgd', 90.0), ('set', 'snt_asgd', 90.0)]
+  table = compare.write_report(rows, sweep)
+  assert gcs.read(f'{tmp_path.name}/results.md') == table
+  assert '| set | snt_asgd | 100 | 0.330 |' in table
+  assert json.loads(gcs.read(f'{tmp_path.name}/results.json')) == json.loads(json.dumps(rows))
+  assert epath.Path(sweep, 'val_ppl.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+  cell = _gs(tmp_path, 'selfish-snt_asgd-seed1')
+  for line in ('first session', 'resumed session'):
+    with compare.cell_log(cell, show=False):
+      logging.warning('%s', line)
+  log = gcs.read(f'{tmp_path.name}/selfish-snt_asgd-seed1/train.log')
+  assert log.index('first session') < log.index('resumed session')
