@@ -18,7 +18,6 @@ Writes into ``DIR``:
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -27,6 +26,7 @@ import numpy as np
 from experiments import cli, plots
 from selfish_jax.errors import ConfigError
 from selfish_jax.training import metrics
+from selfish_jax.training import workdir as workdir_lib
 
 _OUT = flags.DEFINE_string('out', None, 'Folder for the plots and summary.md.')
 flags.mark_flags_as_required(['out'])
@@ -34,11 +34,9 @@ flags.mark_flags_as_required(['out'])
 
 def load_run(workdir: str) -> dict:
   """Config, epoch records, final record and final masks (None before any checkpoint)."""
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
+  config = workdir_lib.read_config(workdir)
+  if config is None:
     raise ConfigError(f'no training run in {workdir} (it has no config.json)')
-  with open(config_path) as f:
-    config = json.load(f)
   records = metrics.read_records(workdir)
   return {'name': os.path.basename(os.path.normpath(workdir)), 'config': config,
           'epochs': [r for r in records if metrics.record_kind(r) == metrics.EPOCH],

@@ -32,12 +32,15 @@ epochs; the continuation is the same run as one trained from scratch
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging as std_logging
 import os
+import tempfile
 
 from absl import flags, logging
 from absl import logging as absl_logging
+from etils import epath
 import jax
 import numpy as np
 from ml_collections import config_flags
@@ -185,7 +188,7 @@ def run_cell(base, workdir, method, optimizer, seed, lrs, share: bool = True,
   source = os.path.join(workdir, run_name(method, 'snt_asgd', seed))
   start = None
   if (fork and base.asgd_start_epoch and config.optimizer in ('sgd', 'asgd')
-      and os.path.isdir(os.path.join(source, 'switch'))):
+      and epath.Path(source, 'switch').is_dir()):
     start = ContinuationAtSwitch(source, config)
   return train.train_and_evaluate(config, path, start=start)
 
@@ -201,11 +204,20 @@ class _TrainingInfo(std_logging.Filter):
 @contextlib.contextmanager
 def cell_log(path: str, show: bool):
   """Within: every log line goes to ``path/train.log`` too (process 0's), and
-  unless ``show`` the terminal leaves out the training code's INFO lines."""
-  to_file = std_logging.NullHandler()
+  unless ``show`` the terminal leaves out the training code's INFO lines.
+
+  An object store cannot append: there the lines go to a local file, added
+  to ``train.log`` when the block ends (a process killed meanwhile loses them).
+  """
+  to_file, upload = std_logging.NullHandler(), None
   if jax.process_index() == 0:
-    os.makedirs(path, exist_ok=True)
-    to_file = std_logging.FileHandler(os.path.join(path, 'train.log'))
+    log_path = os.path.join(path, 'train.log')
+    if workdir_lib.is_object_store(path):
+      upload = (log_path, tempfile.NamedTemporaryFile('w', suffix='.log', delete=False).name)
+      log_path = upload[1]
+    else:
+      os.makedirs(path, exist_ok=True)
+    to_file = std_logging.FileHandler(log_path)
     to_file.setFormatter(absl_logging.PythonFormatter())
   absl_logging.get_absl_logger().addHandler(to_file)
   terminal, held_back = absl_logging.get_absl_handler(), _TrainingInfo()
@@ -217,6 +229,13 @@ def cell_log(path: str, show: bool):
     terminal.removeFilter(held_back)
     absl_logging.get_absl_logger().removeHandler(to_file)
     to_file.close()
+    if upload is not None:
+      target, local = epath.Path(upload[0]), upload[1]
+      with open(local) as f:
+        lines = f.read()
+      workdir_lib.write_text_atomically(
+          target, (target.read_text() if target.exists() else '') + lines)
+      os.remove(local)
 
 
 def sweep_status(cells: list[tuple], results: dict, running: tuple | None) -> str:
@@ -278,7 +297,9 @@ def _fmt(pair, digits=2):
   return f'{mean:.{digits}f}' + (f' ± {std:.{digits}f}' if std else '')
 
 
-def write_report(rows: list[dict], workdir: str) -> None:
+def write_report(rows: list[dict], workdir: str) -> str:
+  """Writes ``results.md``, ``results.json`` and ``val_ppl.png`` into ``workdir``
+  (a folder or an object-store URL); returns the markdown table."""
   lines = ['| method | optimizer | params | density | best val ppl | test ppl | train FLOPs (x dense) |',
            '|---|---|---|---|---|---|---|']
   for r in rows:
@@ -289,10 +310,9 @@ def write_report(rows: list[dict], workdir: str) -> None:
     lines.append(f"| {r['method']} | {optimizer} | {r['params'] or ''} | {r['density']:.3f} | "
                  f"{_fmt(r['best_val_ppl'])} | {_fmt(r['test_ppl'])} | "
                  f"{'' if r['train_flops'] is None else format(r['train_flops'], '.3f')} |")
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
+  table = '\n'.join(lines) + '\n'
+  workdir_lib.write_text_atomically(epath.Path(workdir, 'results.md'), table)
+  workdir_lib.write_text_atomically(epath.Path(workdir, 'results.json'), json.dumps(rows, indent=1))
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -310,8 +330,11 @@ def write_report(rows: list[dict], workdir: str) -> None:
   plots.readable_log_scale(ax)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'val_ppl.png'), dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=120)
   plt.close(fig)
+  epath.Path(workdir, 'val_ppl.png').write_bytes(png.getvalue())
+  return table
 
 
 def main(argv):
@@ -347,8 +370,7 @@ def _sweep():
     logging.info('%s', sweep_status(cells, results, running=None))
   rows = collect(base, workdir, _METHODS.value, _OPTIMIZERS.value, seeds, lrs, _SHARE.value)
   if jax.process_index() == 0:
-    write_report(rows, workdir)
-    print(open(os.path.join(workdir, 'results.md')).read())
+    print(write_report(rows, workdir))
 
 
 if __name__ == '__main__':

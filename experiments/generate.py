@@ -9,9 +9,6 @@ outside it become ``<unk>``. Prints the prompt and its continuation; ``<eos>``
 is printed as a line break.
 """
 
-import json
-import os
-
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -34,15 +31,15 @@ def main(argv):
   from selfish_jax.data.corpus import EOS, encode
   from selfish_jax.errors import ConfigError
   from selfish_jax.training.checkpoint import Checkpoints
+  from selfish_jax.training.workdir import read_config
 
-  path = os.path.join(_WORKDIR.value, 'config.json')
-  if not os.path.exists(path):
+  saved = read_config(_WORKDIR.value)
+  if saved is None:
     raise ConfigError(f'no training run in {_WORKDIR.value} (it has no config.json)')
   if _NUM_TOKENS.value < 1 or _TEMPERATURE.value < 0:
     raise ConfigError('--num_tokens must be >= 1 and --temperature >= 0')
-  with open(path) as f:
-    config = config_lib.default_config()
-    config.update(json.load(f))
+  config = config_lib.default_config()
+  config.update(saved)
   config_lib.validate(config)
   corpus = load_corpus(config.dataset, config.data_dir, allow_download=config.download,
                        base_url=config.download_url or None)
