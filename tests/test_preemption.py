@@ -1,6 +1,8 @@
 """Preemption through the CLI: SIGTERM mid-epoch saves at a step, exits by itself,
-and the run resumes to the uninterrupted run's numbers."""
+and the run resumes to the uninterrupted run's numbers, on a local workdir and
+on a ``gs://`` one (a fake Cloud Storage server on 127.0.0.1)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +10,9 @@ import sys
 import time
 
 import orbax.checkpoint as ocp
+import pytest
 
+import fake_gcs
 from selfish_jax.training import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,39 +29,86 @@ def _cli(workdir, data_dir):
           '--config.growth=gradient']
 
 
-def _test_ppl(workdir):
-  return metrics_lib.read_records(str(workdir / 'metrics.jsonl'))[-1]['test_ppl']
+class _LocalDisk:
+  """A workdir on the local disk, read with the library's own readers."""
+  env = {}
+
+  def __init__(self, tmp_path):
+    self.root = tmp_path
+
+  def workdir(self, name):
+    return str(self.root / name)
+
+  def records(self, workdir):
+    return metrics_lib.read_records(workdir)
+
+  def latest_checkpoint(self, workdir):
+    return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).latest_step()
 
 
-def test_sigterm_saves_mid_epoch_exits_and_resumes_to_the_same_result(text_corpus_dir, tmp_path):
+class _CloudStorage:
+  """A ``gs://`` workdir on the fake server, read over its HTTP API (no client cache)."""
+
+  def __init__(self, gcs, prefix):
+    self.gcs, self.env, self.prefix = gcs, gcs.env, prefix
+
+  def workdir(self, name):
+    return f'gs://{fake_gcs.BUCKET}/{self.prefix}/{name}'
+
+  def _object(self, workdir):
+    return workdir.removeprefix(f'gs://{fake_gcs.BUCKET}/')
+
+  def records(self, workdir):
+    text = self.gcs.read(self._object(workdir) + '/metrics.jsonl') or ''
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+  def latest_checkpoint(self, workdir):
+    # orbax commits a step's folder under its number (checkpoints/N/...);
+    # a save in progress has a temporary name.
+    folder = self._object(workdir) + '/checkpoints/'
+    steps = {name[len(folder):].split('/')[0] for name in self.gcs.names(folder)}
+    return max((int(step) for step in steps if step.isdigit()), default=None)
+
+
+@pytest.fixture(params=['local', 'gs'])
+def storage(request, tmp_path):
+  return _LocalDisk(tmp_path) if request.param == 'local' else _CloudStorage(
+      request.getfixturevalue('gcs'), tmp_path.name)
+
+
+def test_sigterm_saves_mid_epoch_exits_and_resumes_to_the_same_result(
+    storage, text_corpus_dir, tmp_path):
   whole = subprocess.run(_cli(tmp_path / 'whole', text_corpus_dir), cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=600)
   assert whole.returncode == 0, whole.stderr[-2000:]
+  expected = metrics_lib.final_record(str(tmp_path / 'whole'))['test_ppl']
 
-  workdir = tmp_path / 'preempted'
-  process = subprocess.Popen(_cli(workdir, text_corpus_dir), cwd=ROOT, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  metrics = workdir / 'metrics.jsonl'
+  workdir = storage.workdir('preempted')
+  env = {**ENV, **storage.env}
+  # stderr goes to a file: a pipe read only at the end could fill up and block the run.
+  log = tmp_path / 'preempted.log'
+  with open(log, 'w') as stderr_file:
+    process = subprocess.Popen(_cli(workdir, text_corpus_dir), cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=stderr_file)
   deadline = time.time() + 300
   while time.time() < deadline:  # into the second epoch (100 steps each)
-    if metrics.exists() and any(r.get('step', 0) > 110
-                                for r in metrics_lib.read_records(str(metrics))):
+    if any(r.get('step', 0) > 110 for r in storage.records(workdir)):
       break
     time.sleep(0.05)
   process.send_signal(signal.SIGTERM)
   sent = time.time()
-  _, stderr = process.communicate(timeout=60)  # exits by itself
+  process.wait(timeout=60)  # exits by itself
   assert time.time() - sent < 60
+  stderr = log.read_text()
   assert process.returncode == 143, stderr[-2000:]
   last = stderr.strip().splitlines()[-1]
   assert last.startswith('preempted: the state of step ') and 'Traceback' not in stderr, last
-  manager = ocp.CheckpointManager(str(workdir / 'checkpoints'))
-  saved = manager.latest_step()
+  saved = storage.latest_checkpoint(workdir)
   assert 110 < saved < 200, saved  # a step inside epoch 2, not its end
   assert f'step {saved} (epoch 2, window {saved - 100} of 100)' in last
 
-  resumed = subprocess.run(_cli(workdir, text_corpus_dir), cwd=ROOT, env=ENV,
+  resumed = subprocess.run(_cli(workdir, text_corpus_dir), cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'at step {saved}' in resumed.stderr  # 'Resumed from ... at step N'
-  assert _test_ppl(workdir) == _test_ppl(tmp_path / 'whole')
+  assert storage.records(workdir)[-1]['test_ppl'] == expected
