@@ -1,7 +1,9 @@
 """Multi-process runs through the CLI: two processes on 127.0.0.1 (one CPU device
 each, a shared workdir) against one process with two devices; kill -9 and
-resume; a process dying; processes that do not share the workdir."""
+resume; a process dying; processes that do not share the workdir; a sweep on
+two processes with its workdir in a (fake) Cloud Storage bucket."""
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +13,7 @@ import time
 
 import pytest
 
+import fake_gcs
 from selfish_jax.training import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,10 +39,11 @@ def _args(workdir, data_dir, steps=10):
 class Process:
   """One process of a run, its stderr in a file (a pipe left unread would block it)."""
 
-  def __init__(self, args, log):
+  def __init__(self, args, log, env=None):
     self.log = log
     with open(log, 'w') as f:
-      self.popen = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+      self.popen = subprocess.Popen(args, cwd=ROOT, env=env or ENV, stdout=subprocess.DEVNULL,
+                                    stderr=f)
 
   def finish(self, timeout=600) -> tuple[int, str]:
     """``(exit status, stderr)`` once it ends (within ``timeout`` seconds)."""
@@ -55,9 +59,12 @@ def _start_processes(workdirs, data_dir, steps=10, extra=()):
           for i, workdir in enumerate(workdirs)]
 
 
+def _without_timing(records):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in TIMING}
-          for r in metrics_lib.read_records(str(workdir / 'metrics.jsonl'))]
+  return _without_timing(metrics_lib.read_records(str(workdir / 'metrics.jsonl')))
 
 
 def _wait_for_step(workdir, step, processes, timeout=240):
@@ -138,17 +145,24 @@ def test_processes_that_do_not_share_the_workdir_stop_with_one_line(text_corpus_
     assert 'need one workdir on storage they all share' in stderr
 
 
-def test_a_sweep_runs_on_two_processes(one_process_two_devices, text_corpus_dir, tmp_path):
+def test_a_sweep_runs_on_two_processes_in_a_bucket(one_process_two_devices, gcs,
+                                                   text_corpus_dir, tmp_path):
+  # A pod's sweep: its workdir on gs://, checkpoints written by both processes.
   port = _free_port()
   config_args = [a for a in _args(tmp_path, text_corpus_dir)[2:] if a.startswith('--config')]
+  sweep = f'{tmp_path.name}/sweep'
   processes = [Process([sys.executable, '-m', 'experiments.compare', *config_args,
-                        f'--workdir={tmp_path / "sweep"}', '--methods=selfish',
+                        f'--workdir=gs://{fake_gcs.BUCKET}/{sweep}', '--methods=selfish',
                         '--optimizers=snt_asgd', '--distributed',
                         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                        f'--process_id={i}'], f'{tmp_path}/sweep.{i}.log') for i in range(2)]
+                        f'--process_id={i}'], f'{tmp_path}/sweep.{i}.log', {**ENV, **gcs.env})
+               for i in range(2)]
   for p in processes:
     status, stderr = p.finish()
     assert status == 0, stderr[-3000:]
-  cell = tmp_path / 'sweep' / 'selfish-snt_asgd-seed1111'
-  assert _records(cell) == one_process_two_devices  # the sweep's cell is the same run
-  assert (tmp_path / 'sweep' / 'results.md').exists()
+  cell = f'{sweep}/selfish-snt_asgd-seed1111'
+  records = [json.loads(line) for line in gcs.read(f'{cell}/metrics.jsonl').splitlines()]
+  assert _without_timing(records) == one_process_two_devices  # the sweep's cell is the same run
+  assert '| selfish | snt_asgd |' in gcs.read(f'{sweep}/results.md')
+  assert 'Start: lstm language model' in gcs.read(f'{cell}/train.log')
+  assert f'{cell}/checkpoints/20/commit_success.txt' in gcs.names(f'{cell}/checkpoints/')
