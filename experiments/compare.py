@@ -46,7 +46,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from experiments import cli, plots
-from selfish_jax import optim
+from selfish_jax import optim, storage
 from selfish_jax.errors import ConfigError, UserError
 from selfish_jax.sparsity import methods as methods_lib
 from selfish_jax.training import core as core_lib
@@ -209,12 +209,12 @@ def cell_log(path: str, show: bool):
   An object store cannot append: there the lines go to a local file, added
   to ``train.log`` when the block ends (a process killed meanwhile loses them).
   """
-  to_file, upload = std_logging.NullHandler(), None
+  to_file, uploaded_to = std_logging.NullHandler(), None
   if jax.process_index() == 0:
     log_path = os.path.join(path, 'train.log')
-    if workdir_lib.is_object_store(path):
-      upload = (log_path, tempfile.NamedTemporaryFile('w', suffix='.log', delete=False).name)
-      log_path = upload[1]
+    if storage.is_object_store(path):
+      with tempfile.NamedTemporaryFile('w', suffix='.log', delete=False) as local:
+        uploaded_to, log_path = log_path, local.name
     else:
       os.makedirs(path, exist_ok=True)
     to_file = std_logging.FileHandler(log_path)
@@ -229,13 +229,13 @@ def cell_log(path: str, show: bool):
     terminal.removeFilter(held_back)
     absl_logging.get_absl_logger().removeHandler(to_file)
     to_file.close()
-    if upload is not None:
-      target, local = epath.Path(upload[0]), upload[1]
-      with open(local) as f:
+    if uploaded_to is not None:
+      target = epath.Path(uploaded_to)
+      with open(log_path) as f:
         lines = f.read()
-      workdir_lib.write_text_atomically(
+      os.remove(log_path)
+      storage.write_atomically(
           target, (target.read_text() if target.exists() else '') + lines)
-      os.remove(local)
 
 
 def sweep_status(cells: list[tuple], results: dict, running: tuple | None) -> str:
@@ -311,8 +311,8 @@ def write_report(rows: list[dict], workdir: str) -> str:
                  f"{_fmt(r['best_val_ppl'])} | {_fmt(r['test_ppl'])} | "
                  f"{'' if r['train_flops'] is None else format(r['train_flops'], '.3f')} |")
   table = '\n'.join(lines) + '\n'
-  workdir_lib.write_text_atomically(epath.Path(workdir, 'results.md'), table)
-  workdir_lib.write_text_atomically(epath.Path(workdir, 'results.json'), json.dumps(rows, indent=1))
+  storage.write_atomically(epath.Path(workdir, 'results.md'), table)
+  storage.write_atomically(epath.Path(workdir, 'results.json'), json.dumps(rows, indent=1))
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -333,7 +333,7 @@ def write_report(rows: list[dict], workdir: str) -> str:
   png = io.BytesIO()
   fig.savefig(png, format='png', dpi=120)
   plt.close(fig)
-  epath.Path(workdir, 'val_ppl.png').write_bytes(png.getvalue())
+  storage.write_atomically(epath.Path(workdir, 'val_ppl.png'), png.getvalue())
   return table
 
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from etils import epath
 
-from selfish_jax.training import workdir as workdir_lib
+from selfish_jax import storage
 
 try:  # TensorBoard event files are optional.
   from tensorboardX import SummaryWriter
@@ -88,7 +88,7 @@ class MetricWriter:
     self._records = None  # the file's records, where it is rewritten whole
     if enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-      if workdir_lib.is_object_store(workdir):
+      if storage.is_object_store(workdir):
         self._records = read_records(self.path)
       elif tensorboard and SummaryWriter is not None:
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -99,7 +99,7 @@ class MetricWriter:
     self._rewrite([r for r in read_records(self.path) if r.get('step', 0) <= step])
 
   def _rewrite(self, records: list[dict]) -> None:
-    workdir_lib.write_text_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in records))
+    storage.write_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in records))
     if self._records is not None:
       self._records = records
 

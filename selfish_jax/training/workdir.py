@@ -4,7 +4,7 @@ Paths go through ``etils.epath`` (what orbax writes checkpoints with), so a
 workdir may be a local folder or an object-store URL (``gs://bucket/run``)
 where the matching filesystem package is installed. A multi-process run needs
 one workdir that every process sees (shared storage: a bucket, NFS): process 0
-writes ``config.json`` (atomically, :func:`write_text_atomically`), every
+writes ``config.json`` (atomically, :func:`~selfish_jax.storage.write_atomically`), every
 process waits for it, and if any process does not see it (each host
 writing to its own local disk under the same path) all of them stop with one
 line instead of hanging in the first checkpoint.
@@ -21,6 +21,7 @@ import ml_collections
 from jax.experimental import multihost_utils
 import numpy as np
 
+from selfish_jax import storage
 from selfish_jax.errors import ConfigError
 
 CONFIG_FILE = 'config.json'
@@ -37,28 +38,6 @@ def read_config(workdir: str | epath.PathLike) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def is_object_store(path: str | epath.PathLike) -> bool:
-  """Whether ``path`` is an object-store URL (``gs://``, ``s3://``, ...) rather than a local path."""
-  return '://' in str(path)
-
-
-def write_text_atomically(path: str | epath.PathLike, text: str) -> None:
-  """``path`` holds either its old content or all of ``text``, never a part.
-
-  On a file system: a temporary file renamed into place. On an object store
-  one upload already replaces an object whole, and a rename would be a copy
-  and a delete, so the object is written directly.
-  """
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if is_object_store(path):
-    path.write_text(text)
-    return
-  temporary = path.parent / f'.{path.name}.tmp-{jax.process_index()}'
-  temporary.write_text(text)
-  temporary.replace(path)
-
-
 def open_workdir(workdir: str, config_dict: dict, check: Callable[[dict], None]) -> None:
   """Makes ``workdir`` hold this run's config, or checks the one it holds.
 
@@ -68,7 +47,7 @@ def open_workdir(workdir: str, config_dict: dict, check: Callable[[dict], None])
   """
   path = epath.Path(workdir) / CONFIG_FILE
   if jax.process_index() == 0 and not path.exists():
-    write_text_atomically(path, json.dumps(config_dict, indent=1))
+    storage.write_atomically(path, json.dumps(config_dict, indent=1))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('selfish_jax: config.json written')
     seen = multihost_utils.process_allgather(np.array(path.exists()))

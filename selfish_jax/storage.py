@@ -1,0 +1,44 @@
+"""Files on a local disk or in an object store (``gs://``, ``s3://``), through ``etils.epath``.
+
+The two differ in how a file is replaced whole: on a disk it is written
+beside its place and renamed over it; an object store has neither rename
+(gcsfs copies, then deletes) nor append, but one upload replaces an object
+at once. Writers that must never leave a part of a file call
+:func:`write_atomically` and need not know which one they write to.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from etils import epath
+
+
+def is_object_store(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is an object-store URL (``gs://bucket/...``) rather than a local path."""
+  return '://' in os.fspath(path)
+
+
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
+  """``path`` holds either its old content or all of ``data`` (text is UTF-8), never a part.
+
+  On a disk, a temporary file beside it (a unique name, so processes writing
+  the same file do not collide) is renamed into place.
+  """
+  if isinstance(data, str):
+    data = data.encode('utf-8')
+  if is_object_store(path):
+    epath.Path(path).write_bytes(data)
+    return
+  directory = os.path.dirname(os.fspath(path)) or '.'
+  os.makedirs(directory, exist_ok=True)
+  fd, temporary = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.tmp-')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
