@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Data.
   c.dataset = 'ptb'  # ptb | wikitext2 | text (data_dir is then the corpus folder itself)
-  c.data_dir = '~/.cache/selfish_jax'  # holds ptb/ and wikitext-2/; also the download cache
+  c.data_dir = '~/.cache/selfish_jax'  # holds ptb/, wikitext-2/ (or gs://...); the download cache
   c.download = True  # fetch missing splits (sha256-checked) from their public location
   c.download_url = ''  # a mirror serving {split}.txt, instead of the standard location
   # Model: the family, then the sizes and dropouts every family reads.

@@ -1,17 +1,25 @@
-"""A workdir on an object store (``gs://`` on a fake server, see ``fake_gcs``):
-what cannot append or rename there still keeps every line.
+"""A workdir and a data folder on an object store (``gs://`` on a fake server,
+see ``fake_gcs``): what cannot append or rename there still keeps every line.
 
 The whole run (train, preempt, resume) on ``gs://`` is in test_preemption.py.
 """
 
+import gzip
+import hashlib
 import json
+import os
+import urllib.parse
 
 from absl import logging
 from etils import epath
+import numpy as np
+import pytest
 
 import fake_gcs
 from experiments import compare
 from experiments.configs import ptb_lstm_small
+from selfish_jax.data import download, load_corpus
+from selfish_jax.errors import DataError
 from selfish_jax.training import metrics, workdir as workdir_lib
 
 
@@ -80,3 +88,33 @@ def test_a_sweep_on_gs_collects_reports_and_logs_its_cells(gcs, tmp_path):
       logging.warning('%s', line)
   log = gcs.read(f'{tmp_path.name}/selfish-snt_asgd-seed1/train.log')
   assert log.index('first session') < log.index('resumed session')
+
+
+def test_a_corpus_folder_in_a_bucket_reads_as_on_disk(gcs, text_corpus_dir, tmp_path):
+  folder = _gs(tmp_path, 'corpus')
+  for split in ('train', 'valid', 'test'):
+    with open(os.path.join(text_corpus_dir, f'{split}.txt'), 'rb') as f:
+      text = f.read()
+    if split == 'valid':
+      epath.Path(folder, 'valid.txt.gz').write_bytes(gzip.compress(text))
+    else:
+      epath.Path(folder, f'{split}.txt').write_bytes(text)
+  from_bucket, on_disk = load_corpus('text', folder), load_corpus('text', text_corpus_dir)
+  assert from_bucket.vocab == on_disk.vocab
+  for split in ('train', 'valid', 'test'):
+    np.testing.assert_array_equal(from_bucket.split(split), on_disk.split(split))
+
+
+def test_a_download_lands_in_a_bucket_only_when_verified(gcs, tmp_path):
+  text = 'the cat sat\n'
+  served = f'{tmp_path.name}/served/train.txt'
+  epath.Path(f'gs://{fake_gcs.BUCKET}/{served}').write_text(text)
+  url = (f'{gcs.url}/download/storage/v1/b/{fake_gcs.BUCKET}/o/'
+         f'{urllib.parse.quote(served, safe="")}?alt=media')
+  cached = f'{tmp_path.name}/cache/ptb/train.txt'
+  with pytest.raises(DataError, match='checksum mismatch for download'):
+    download.fetch(url, f'gs://{fake_gcs.BUCKET}/{cached}', sha256='0' * 64)
+  assert gcs.names(f'{tmp_path.name}/cache/') == []
+  download.fetch(url, f'gs://{fake_gcs.BUCKET}/{cached}',
+                 sha256=hashlib.sha256(text.encode()).hexdigest())
+  assert gcs.read(cached) == text

@@ -14,6 +14,7 @@ import hashlib
 import os
 from typing import Mapping, Sequence
 
+from etils import epath
 import numpy as np
 
 from selfish_jax.data import download
@@ -119,14 +120,11 @@ def encode(tokens: Sequence[str], vocab: Sequence[str], split: str = '') -> np.n
 
 
 def read_text(path: str) -> str:
-  """Reads a ``.txt`` or ``.txt.gz`` file as UTF-8 text."""
+  """Reads a ``.txt`` or ``.txt.gz`` file (local or in an object store) as UTF-8 text."""
   try:
+    data = epath.Path(path).read_bytes()
     if path.endswith('.gz'):
-      with gzip.open(path, 'rb') as f:
-        data = f.read()
-    else:
-      with open(path, 'rb') as f:
-        data = f.read()
+      data = gzip.decompress(data)
     return data.decode('utf-8')
   except (OSError, EOFError, UnicodeDecodeError) as e:
     raise DataError(f'cannot read data file {path}: {e}') from e
@@ -136,7 +134,7 @@ def find_split_file(directory: str, split: str) -> str | None:
   """The first of ``{split}.txt``, ``{split}.txt.gz`` present in ``directory``."""
   for name in (f'{split}.txt', f'{split}.txt.gz'):
     path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    if epath.Path(path).is_file():
       return path
   return None
 
@@ -193,7 +191,8 @@ def load_corpus(dataset: str, data_dir: str, *, allow_download: bool = True,
       ``data_dir/{train,valid,test}.txt[.gz]``, read unverified (see
       :func:`load_corpus_dir`; nothing is downloaded).
     data_dir: the folder holding ``ptb/`` and ``wikitext-2/`` (also the
-      download cache); for ``'text'``, the corpus folder itself.
+      download cache), local or an object-store URL (``gs://bucket/data``);
+      for ``'text'``, the corpus folder itself.
     allow_download: fetch missing splits from their standard location.
     base_url: fetch from ``{base_url}/{split}.txt`` instead (a mirror).
 

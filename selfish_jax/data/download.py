@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 
+from selfish_jax import storage
 from selfish_jax.errors import DataError
 
 
@@ -17,8 +16,9 @@ def fetch(url: str, path: str, *, sha256: str, timeout_s: float = 60.0) -> str:
 
   A ``.gz`` response (by URL suffix) is decompressed first; the checksum is of
   the decompressed text. The file appears at ``path`` only when complete and
-  verified (written to a temporary file, then renamed), so an interrupted or
-  corrupt download never leaves a file that later passes for data.
+  verified (:func:`~selfish_jax.storage.write_atomically`; ``path`` may be in an
+  object store), so an interrupted or corrupt download never leaves a file
+  that later passes for data.
 
   Returns:
     ``path``.
@@ -36,13 +36,8 @@ def fetch(url: str, path: str, *, sha256: str, timeout_s: float = 60.0) -> str:
   digest = hashlib.sha256(payload).hexdigest()
   if digest != sha256:
     raise DataError(f'checksum mismatch for download {url}: sha256 {digest}, expected {sha256}')
-  directory = os.path.dirname(path) or '.'
   try:
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.download-')
-    with os.fdopen(fd, 'wb') as f:
-      f.write(payload)
-    os.replace(tmp, path)
+    storage.write_atomically(path, payload)
   except OSError as e:
     raise DataError(f'cannot write {path}: {e}') from e
   return path
