@@ -18,6 +18,10 @@ class DataError(UserError, OSError):
   """A missing, unreadable or corrupt data file, or a failed download."""
 
 
+class WorkdirError(UserError, OSError):
+  """The workdir cannot be written (a bucket that does not exist, no permission)."""
+
+
 class TrainingDiverged(UserError, FloatingPointError):
   """The loss became NaN or inf; nothing from that point on was saved."""
 

@@ -19,7 +19,7 @@ import fake_gcs
 from experiments import compare
 from experiments.configs import ptb_lstm_small
 from selfish_jax.data import download, load_corpus
-from selfish_jax.errors import DataError
+from selfish_jax.errors import DataError, WorkdirError
 from selfish_jax.training import metrics, workdir as workdir_lib
 
 
@@ -59,6 +59,9 @@ def test_config_is_written_whole_without_a_temporary_object(gcs, tmp_path):
   seen = []
   workdir_lib.open_workdir(workdir, {'lr': 40.0}, check=seen.append)  # a resume checks it
   assert seen == [{'lr': 20.0}] and workdir_lib.read_config(workdir) == {'lr': 20.0}
+  with pytest.raises(WorkdirError, match=r'^cannot write gs://nobucket/run/config.json '
+                     r'\(FileNotFoundError: .*\): check that the folder or bucket exists'):
+    workdir_lib.open_workdir('gs://nobucket/run', {'lr': 20.0}, check=seen.append)
 
 
 def test_a_sweep_on_gs_collects_reports_and_logs_its_cells(gcs, tmp_path):

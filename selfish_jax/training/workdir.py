@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from selfish_jax import storage
-from selfish_jax.errors import ConfigError
+from selfish_jax.errors import ConfigError, WorkdirError
 
 CONFIG_FILE = 'config.json'
 
@@ -46,8 +46,15 @@ def open_workdir(workdir: str, config_dict: dict, check: Callable[[dict], None])
   config that would change the results), on every process.
   """
   path = epath.Path(workdir) / CONFIG_FILE
-  if jax.process_index() == 0 and not path.exists():
-    storage.write_atomically(path, json.dumps(config_dict, indent=1))
+  if jax.process_index() == 0:
+    try:  # the run's first touch of its workdir
+      if not path.exists():
+        storage.write_atomically(path, json.dumps(config_dict, indent=1))
+    except Exception as e:  # pylint: disable=broad-except
+      # A missing bucket, missing credentials or no permission: each storage
+      # client raises its own type, none of which says which path it meant.
+      raise WorkdirError(f'cannot write {path} ({type(e).__name__}: {e}): check that the '
+                         'folder or bucket exists and that this process may write to it') from e
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('selfish_jax: config.json written')
     seen = multihost_utils.process_allgather(np.array(path.exists()))
