@@ -85,6 +85,12 @@ class FakeGcs(NamedTuple):
       raise
 
 
+  def metrics(self, folder: str) -> list[dict]:
+    """The records of ``folder/metrics.jsonl`` (empty while there is none)."""
+    text = self.read(f'{folder}/metrics.jsonl') or ''
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 @contextlib.contextmanager
 def serve() -> Iterator[FakeGcs]:
   """Runs a fresh in-memory server on a free port of 127.0.0.1 until the block ends."""

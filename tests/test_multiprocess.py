@@ -3,7 +3,6 @@ each, a shared workdir) against one process with two devices; kill -9 and
 resume; a process dying; processes that do not share the workdir; a sweep on
 two processes with its workdir in a (fake) Cloud Storage bucket."""
 
-import json
 import os
 import signal
 import socket
@@ -161,8 +160,7 @@ def test_a_sweep_runs_on_two_processes_in_a_bucket(one_process_two_devices, gcs,
     status, stderr = p.finish()
     assert status == 0, stderr[-3000:]
   cell = f'{sweep}/selfish-snt_asgd-seed1111'
-  records = [json.loads(line) for line in gcs.read(f'{cell}/metrics.jsonl').splitlines()]
-  assert _without_timing(records) == one_process_two_devices  # the sweep's cell is the same run
+  assert _without_timing(gcs.metrics(cell)) == one_process_two_devices  # the sweep's cell is the same run
   assert '| selfish | snt_asgd |' in gcs.read(f'{sweep}/results.md')
   assert 'Start: lstm language model' in gcs.read(f'{cell}/train.log')
   assert f'{cell}/checkpoints/20/commit_success.txt' in gcs.names(f'{cell}/checkpoints/')

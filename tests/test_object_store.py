@@ -27,24 +27,19 @@ def _gs(tmp_path, name=''):
   return f'gs://{fake_gcs.BUCKET}/{tmp_path.name}' + (f'/{name}' if name else '')
 
 
-def _stored_records(gcs, tmp_path, run):
-  text = gcs.read(f'{tmp_path.name}/{run}/metrics.jsonl')
-  return [json.loads(line) for line in text.splitlines()]
-
-
 def test_metrics_keep_every_record_and_a_resume_truncates(gcs, tmp_path):
   workdir = _gs(tmp_path, 'run')
   writer = metrics.MetricWriter(workdir)
   for step in (1, 2, 3):
     writer.write({'step': step, 'loss': float(step)})
   # gcsfs has no append: opened with 'a', each write replaced the file.
-  assert [r['step'] for r in _stored_records(gcs, tmp_path, 'run')] == [1, 2, 3]
+  assert [r['step'] for r in gcs.metrics(f'{tmp_path.name}/run')] == [1, 2, 3]
 
   resumed = metrics.MetricWriter(workdir)  # a run restored at step 2
   resumed.truncate_after(2)
   resumed.write({'step': 3, 'loss': 9.0})
   resumed.write({'step': 4, 'test_ppl': 50.0})
-  assert [(r['step'], r.get('loss')) for r in _stored_records(gcs, tmp_path, 'run')] == [
+  assert [(r['step'], r.get('loss')) for r in gcs.metrics(f'{tmp_path.name}/run')] == [
       (1, 1.0), (2, 2.0), (3, 9.0), (4, None)]
   assert metrics.final_record(workdir)['test_ppl'] == 50.0  # the reader, through gcsfs
   assert not any(name.endswith('.tmp') or '.tmp-' in name

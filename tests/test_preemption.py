@@ -2,7 +2,6 @@
 and the run resumes to the uninterrupted run's numbers, on a local workdir and
 on a ``gs://`` one (a fake Cloud Storage server on 127.0.0.1)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -59,8 +58,7 @@ class _CloudStorage:
     return workdir.removeprefix(f'gs://{fake_gcs.BUCKET}/')
 
   def records(self, workdir):
-    text = self.gcs.read(self._object(workdir) + '/metrics.jsonl') or ''
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return self.gcs.metrics(self._object(workdir))
 
   def latest_checkpoint(self, workdir):
     # orbax commits a step's folder under its number (checkpoints/N/...);
