@@ -4,15 +4,20 @@
 clients speak: gcsfs (``etils.epath``'s ``gs://`` backend: ``config.json``,
 ``metrics.jsonl``, orbax's directories) and tensorstore (orbax's array
 writer). Its media downloads leave out the ``x-goog-generation`` header that
-tensorstore reads an object's generation from, so :func:`serve` adds it.
+tensorstore reads an object's generation from, so :func:`serve` adds it, and
+it prints a traceback for every client that hangs up mid-reply, which
+:func:`serve` leaves out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import json
 import logging
 import socket
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,6 +48,21 @@ def _add_generation_headers() -> None:
     for method, handler in handlers.items():
       if handler is _download_without_generation:
         handlers[method] = _download
+
+
+class _QuietServer(http.server.HTTPServer):
+
+  def handle_error(self, request, client_address):
+    if not isinstance(sys.exc_info()[1], ConnectionError):  # not a client that hung up
+      super().handle_error(request, client_address)
+
+
+def _serve_quietly(thread: emulator.APIThread) -> None:
+  # APIThread.run with _QuietServer for http.server.HTTPServer.
+  thread._httpd = _QuietServer((thread._host, thread._port),  # pylint: disable=protected-access
+                               functools.partial(emulator.RequestHandler, thread._storage))
+  thread.is_running.set()
+  thread._httpd.serve_forever()  # pylint: disable=protected-access
 
 
 class FakeGcs(NamedTuple):
@@ -95,6 +115,7 @@ class FakeGcs(NamedTuple):
 def serve() -> Iterator[FakeGcs]:
   """Runs a fresh in-memory server on a free port of 127.0.0.1 until the block ends."""
   _add_generation_headers()
+  emulator.APIThread.run = _serve_quietly
   # Every 404 (tensorstore probes for objects that do not exist yet) is logged as an error.
   logging.getLogger('gcp_storage_emulator.storage').setLevel(logging.CRITICAL)
   with socket.socket() as probe:
