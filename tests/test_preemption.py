@@ -18,14 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'PYTHONPATH': ROOT}
 
 
-def _cli(workdir, data_dir):
+def _cli(workdir, data_dir, *overrides):
+  """The run's command; ``overrides`` (``--config.KEY=VALUE``) come last and win."""
   return [sys.executable, '-m', 'experiments.main',
           '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={workdir}',
           '--config.dataset=text', f'--config.data_dir={data_dir}', '--config.download=False',
           '--config.emsize=16', '--config.nhid=16', '--config.batch_size=4',
           '--config.eval_batch_size=16', '--config.bptt=5', '--config.lr=5',
           '--config.num_epochs=2', '--config.max_steps_per_epoch=100', '--config.log_every=5',
-          '--config.growth=gradient']
+          '--config.growth=gradient', *overrides]
 
 
 class _LocalDisk:
@@ -60,12 +61,15 @@ class _CloudStorage:
   def records(self, workdir):
     return self.gcs.metrics(self._object(workdir))
 
-  def latest_checkpoint(self, workdir):
-    # orbax commits a step's folder under its number (checkpoints/N/...);
-    # a save in progress has a temporary name.
+  def checkpoint_objects(self, workdir):
     folder = self._object(workdir) + '/checkpoints/'
-    steps = {name[len(folder):].split('/')[0] for name in self.gcs.names(folder)}
-    return max((int(step) for step in steps if step.isdigit()), default=None)
+    return [name[len(folder):] for name in self.gcs.names(folder)]
+
+  def latest_checkpoint(self, workdir):
+    # On an object store orbax writes a step's folder (checkpoints/N/...) in
+    # place and marks it complete with commit_success.txt, written last.
+    return max((int(name.split('/')[0]) for name in self.checkpoint_objects(workdir)
+                if name.endswith('/commit_success.txt')), default=None)
 
 
 @pytest.fixture(params=['local', 'gs'])
@@ -110,3 +114,40 @@ def test_sigterm_saves_mid_epoch_exits_and_resumes_to_the_same_result(
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'at step {saved}' in resumed.stderr  # 'Resumed from ... at step N'
   assert storage.records(workdir)[-1]['test_ppl'] == expected
+
+
+def test_a_kill_during_an_upload_resumes_from_the_last_complete_checkpoint(
+    gcs, text_corpus_dir, tmp_path):
+  # Preemption without notice while a checkpoint is half uploaded to the bucket.
+  storage = _CloudStorage(gcs, tmp_path.name)
+  env = {**ENV, **gcs.env}
+  every_step = ('--config.max_steps_per_epoch=3', '--config.checkpoint_every_steps=1',
+                '--config.log_every=1')
+  whole = subprocess.run(_cli(storage.workdir('whole'), text_corpus_dir, *every_step), cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+  assert whole.returncode == 0, whole.stderr[-2000:]
+
+  workdir = storage.workdir('killed')
+  process = subprocess.Popen(_cli(workdir, text_corpus_dir, *every_step), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # step 2's folder has objects, but no commit mark yet
+    objects = storage.checkpoint_objects(workdir)
+    if any(name.startswith('2/') for name in objects) and '2/commit_success.txt' not in objects:
+      break
+    assert process.poll() is None, 'the run ended before step 2 was caught mid-upload'
+    time.sleep(0.005)
+  process.kill()
+  process.wait()
+  saved = storage.latest_checkpoint(workdir)
+  assert saved == 1, storage.checkpoint_objects(workdir)  # step 2 is there, incomplete
+
+  resumed = subprocess.run(_cli(workdir, text_corpus_dir, *every_step), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'at step 1 ' in resumed.stderr  # 'Resumed from ... at step 1 (epoch 1, window 1)'
+  # Every record, the resumed part included, is the uninterrupted run's.
+  numbers = lambda run: [(r['step'], r.get('loss'), r.get('val_loss'), r.get('test_ppl'))
+                         for r in storage.records(run)]
+  assert numbers(workdir) == numbers(storage.workdir('whole'))
+  assert numbers(workdir)[-1][-1] is not None  # through the test
