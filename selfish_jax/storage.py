@@ -10,7 +10,7 @@ at once. Writers that must never leave a part of a file call
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 
 from etils import epath
 
@@ -33,7 +33,10 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     return
   directory = os.path.dirname(os.fspath(path)) or '.'
   os.makedirs(directory, exist_ok=True)
-  fd, temporary = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.tmp-')
+  temporary = os.path.join(
+      directory, f'.{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+  # os.open applies the umask, as open() does (mkstemp's files are private).
+  fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)

@@ -18,6 +18,7 @@ import pytest
 import fake_gcs
 from experiments import compare
 from experiments.configs import ptb_lstm_small
+from selfish_jax import storage
 from selfish_jax.data import download, load_corpus
 from selfish_jax.errors import DataError, WorkdirError
 from selfish_jax.training import metrics, workdir as workdir_lib
@@ -44,6 +45,22 @@ def test_metrics_keep_every_record_and_a_resume_truncates(gcs, tmp_path):
   assert metrics.final_record(workdir)['test_ppl'] == 50.0  # the reader, through gcsfs
   assert not any(name.endswith('.tmp') or '.tmp-' in name
                  for name in gcs.names(tmp_path.name + '/'))
+
+
+def test_a_file_on_disk_is_replaced_whole_or_not_at_all(tmp_path):
+  path = tmp_path / 'run' / 'config.json'
+  storage.write_atomically(path, '{"lr": 20}')
+  assert path.read_text() == '{"lr": 20}'
+  assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as open() makes it, not private
+  with pytest.raises(TypeError):
+    storage.write_atomically(path, ['not', 'text'])  # fails while writing
+  assert path.read_text() == '{"lr": 20}' and os.listdir(path.parent) == ['config.json']
+
+
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def test_config_is_written_whole_without_a_temporary_object(gcs, tmp_path):
