@@ -8,12 +8,14 @@ import gzip
 import hashlib
 import json
 import os
+import struct
 import urllib.parse
 
 from absl import logging
 from etils import epath
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
 import fake_gcs
 from experiments import compare
@@ -45,6 +47,31 @@ def test_metrics_keep_every_record_and_a_resume_truncates(gcs, tmp_path):
   assert metrics.final_record(workdir)['test_ppl'] == 50.0  # the reader, through gcsfs
   assert not any(name.endswith('.tmp') or '.tmp-' in name
                  for name in gcs.names(tmp_path.name + '/'))
+
+
+def _scalars(event_file: bytes) -> dict[str, list[tuple[int, float]]]:
+  """The scalars of a TensorBoard event file (TFRecords of Event protos)."""
+  scalars, offset = {}, 0
+  while offset < len(event_file):
+    (length,) = struct.unpack('<Q', event_file[offset:offset + 8])
+    event = event_pb2.Event.FromString(event_file[offset + 12:offset + 12 + length])
+    offset += 12 + length + 4  # length, its CRC, the event, its CRC
+    for value in event.summary.value:
+      scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_tensorboard_event_files_reach_the_bucket(gcs, tmp_path):
+  writer = metrics.MetricWriter(_gs(tmp_path, 'run'), upload_every_s=0)
+  writer.write({'step': 1, 'loss': 1.0})
+  uploaded = gcs.names(f'{tmp_path.name}/run/tensorboard/')
+  assert len(uploaded) == 1  # during the run, not only at its end
+  writer.write({'step': 2, 'loss': 2.0, 'gate_density': {'i': 0.5}})
+  local = writer._tb_upload[0]  # pylint: disable=protected-access
+  writer.close()
+  assert not os.path.exists(local)
+  event_file = epath.Path(f'gs://{fake_gcs.BUCKET}/{uploaded[0]}').read_bytes()
+  assert _scalars(event_file) == {'loss': [(1, 1.0), (2, 2.0)], 'gate_density/i': [(2, 0.5)]}
 
 
 def test_a_file_on_disk_is_replaced_whole_or_not_at_all(tmp_path):

@@ -6,6 +6,9 @@ import json
 import math
 import numbers
 import os
+import shutil
+import tempfile
+import time
 from typing import Any, Mapping
 
 from etils import epath
@@ -67,31 +70,41 @@ def final_record(path: str) -> dict | None:
 
 
 class MetricWriter:
-  """Appends records to ``metrics.jsonl`` and mirrors their scalars to TensorBoard.
+  """Appends records to ``metrics.jsonl`` and mirrors their scalars to TensorBoard
+  (``WORKDIR/tensorboard``).
 
   Every record carries ``"step"``. On resume, :meth:`truncate_after` drops the
   records written after the restored checkpoint, so the file describes one
   consistent run.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True,
+               upload_every_s: float = 60.0):
     """``enabled=False`` (processes other than 0 of a multi-host run) writes nothing.
 
-    TensorBoard event files are written for local workdirs only. An object
-    store (``gs://...``) cannot append, so there the writer keeps the run's
-    records and uploads the whole ``metrics.jsonl`` on every write: each
-    upload replaces the object at once, so a reader never sees a part.
+    An object store (``gs://...``) cannot append, so there the writer keeps the
+    run's records and uploads the whole ``metrics.jsonl`` on every write (each
+    upload replaces the object at once, so a reader never sees a part), and
+    writes TensorBoard's event files to a local folder, uploaded into
+    ``tensorboard/`` at most every ``upload_every_s`` seconds and at
+    :meth:`close`.
     """
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     self._records = None  # the file's records, where it is rewritten whole
+    self._tb_upload = None  # (local folder, remote folder) of the event files
+    self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
     if enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      tb_folder = os.path.join(workdir, 'tensorboard')
       if storage.is_object_store(workdir):
         self._records = read_records(self.path)
-      elif tensorboard and SummaryWriter is not None:
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        if tensorboard and SummaryWriter is not None:
+          self._tb_upload = (tempfile.mkdtemp(prefix='selfish_jax_tensorboard_'), tb_folder)
+          tb_folder = self._tb_upload[0]
+      if tensorboard and SummaryWriter is not None:
+        self._tb = SummaryWriter(tb_folder)
 
   def truncate_after(self, step: int) -> None:
     if not self.enabled:
@@ -117,7 +130,23 @@ class MetricWriter:
       step = int(record['step'])
       for name, value in _flatten({k: v for k, v in record.items() if k != 'step'}).items():
         self._tb.add_scalar(name, value, step)
+      if (self._tb_upload is not None
+          and time.monotonic() - self._uploaded_at >= self._upload_every_s):
+        self._tb.flush()
+        self._upload_tensorboard()
+
+  def _upload_tensorboard(self) -> None:
+    local, remote = self._tb_upload
+    for name in os.listdir(local):
+      with open(os.path.join(local, name), 'rb') as f:
+        storage.write_atomically(os.path.join(remote, name), f.read())
+    self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      if self._tb_upload is not None:
+        self._upload_tensorboard()
+        shutil.rmtree(self._tb_upload[0], ignore_errors=True)
+        self._tb_upload = None
+      self._tb = None
