@@ -20,13 +20,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from selfish_jax import storage
+
 PyTree = Any
 
 
 def _manager(directory: str) -> ocp.CheckpointManager:
   # A local folder is made absolute; an object-store URL (gs://...) stays as it is.
   return ocp.CheckpointManager(
-      directory if '://' in directory else os.path.abspath(directory),
+      directory if storage.is_object_store(directory) else os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
 

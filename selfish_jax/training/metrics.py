@@ -109,7 +109,8 @@ class MetricWriter:
   def truncate_after(self, step: int) -> None:
     if not self.enabled:
       return
-    self._rewrite([r for r in read_records(self.path) if r.get('step', 0) <= step])
+    records = read_records(self.path) if self._records is None else self._records
+    self._rewrite([r for r in records if r.get('step', 0) <= step])
 
   def _rewrite(self, records: list[dict]) -> None:
     storage.write_atomically(self.path, ''.join(json.dumps(r) + '\n' for r in records))
