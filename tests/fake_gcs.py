@@ -4,15 +4,18 @@
 clients speak: gcsfs (``etils.epath``'s ``gs://`` backend: ``config.json``,
 ``metrics.jsonl``, orbax's directories) and tensorstore (orbax's array
 writer). Its media downloads leave out the ``x-goog-generation`` header that
-tensorstore reads an object's generation from, so :func:`serve` adds it, and
-it prints a traceback for every client that hangs up mid-reply, which
-:func:`serve` leaves out.
+tensorstore reads an object's generation from, so :func:`serve` adds it; it
+ignores the ``ifGenerationMatch=0`` precondition of an upload (create only if
+absent: what a workdir's lease lock is made with), which :func:`serve` makes
+it honour with Cloud Storage's 412; and it prints a traceback for every client
+that hangs up mid-reply, which :func:`serve` leaves out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import http
 import http.server
 import json
 import logging
@@ -38,6 +41,32 @@ def _download(request, response, storage, *args, **kwargs):
     return  # a missing object: the 404 is already set
   response['x-goog-generation'] = stored['generation']
   response['x-goog-metageneration'] = stored['metageneration']
+
+
+_insert_without_preconditions = objects.insert
+
+
+def _insert(request, response, storage, *args, **kwargs):
+  if request.query.get('ifGenerationMatch') == ['0']:
+    name = (request.query.get('name') or [None])[0]
+    if name is None and isinstance(request.data, dict):
+      name = (request.data.get('meta') or request.data).get('name')
+    try:
+      storage.get_file_obj(request.params['bucket_name'], name)
+    except Exception:  # pylint: disable=broad-except
+      pass  # absent: the upload may create it
+    else:
+      response.status = http.HTTPStatus.PRECONDITION_FAILED
+      return None
+  return _insert_without_preconditions(request, response, storage, *args, **kwargs)
+
+
+def _patch_handlers() -> None:
+  for _, handlers in emulator.HANDLERS:
+    for method, handler in handlers.items():
+      if handler is _insert_without_preconditions:
+        handlers[method] = _insert
+  _add_generation_headers()
 
 
 def _add_generation_headers() -> None:
@@ -114,7 +143,7 @@ class FakeGcs(NamedTuple):
 @contextlib.contextmanager
 def serve() -> Iterator[FakeGcs]:
   """Runs a fresh in-memory server on a free port of 127.0.0.1 until the block ends."""
-  _add_generation_headers()
+  _patch_handlers()
   emulator.APIThread.run = _serve_quietly
   # Every 404 (tensorstore probes for objects that do not exist yet) is logged as an error.
   logging.getLogger('gcp_storage_emulator.storage').setLevel(logging.CRITICAL)
