@@ -4,6 +4,7 @@ model family's keys, the classification config), each raising a
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 from selfish_jax.errors import ConfigError
@@ -26,3 +27,17 @@ def check_fractions(config: Mapping, keys: Iterable[str]) -> None:
   for key in keys:
     if not 0.0 <= config[key] < 1.0:
       raise ConfigError(f'{key} must be in [0, 1), got {config[key]!r}')
+
+
+def check_finite_numbers(config: Mapping) -> None:
+  """Every number of the config (those in tuples too) is finite: NaN or inf,
+  which no key means, is refused before anything is written."""
+  for key, value in config.items():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f'{key} must be a finite number, got {item!r}')
+
+
+def check_at_least(config: Mapping, key: str, minimum: float = 0.0) -> None:
+  if not config[key] >= minimum:
+    raise ConfigError(f'{key} must be >= {minimum}, got {config[key]!r}')

@@ -11,7 +11,8 @@ import ml_collections
 
 from selfish_jax import models, optim
 from selfish_jax.data import corpus
-from selfish_jax.checks import check_choice, check_fractions, check_int
+from selfish_jax.checks import (check_at_least, check_choice, check_finite_numbers,
+                                check_fractions, check_int)
 from selfish_jax.errors import ConfigError
 from selfish_jax.sparsity import masks, methods, topology
 
@@ -118,6 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises :class:`ConfigError` naming the first bad or unknown value."""
   check_known_keys(config, default_config())
+  check_finite_numbers(config)
   check_choice(config, 'dataset', DATASETS)
   validate_sparse_training(config)
   check_choice(config, 'compute_dtype', COMPUTE_DTYPES)
@@ -158,8 +160,9 @@ def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
                       f"optimizer 'momentum' or 'adam', not {config.optimizer!r}")
   if not (isinstance(config.density, (int, float)) and 0.0 < config.density <= 1.0):
     raise ConfigError(f'density must be in (0, 1], got {config.density!r}')
-  if not 0.0 <= config.death_rate <= 1.0:
-    raise ConfigError(f'death_rate must be in [0, 1], got {config.death_rate!r}')
+  for key in ('death_rate', 'death_rate_final'):
+    if not 0.0 <= config[key] <= 1.0:
+      raise ConfigError(f'{key} must be in [0, 1], got {config[key]!r}')
   if not 0.0 < config.update_end_fraction <= 1.0:
     raise ConfigError(f'update_end_fraction must be in (0, 1], got {config.update_end_fraction!r}')
   check_int(config, 'update_every')
@@ -169,5 +172,8 @@ def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
   if not (isinstance(restarts, (tuple, list)) and all(
       isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in restarts)):
     raise ConfigError(f'asgd_restart_epochs must be a tuple of epochs >= 1, got {restarts!r}')
-  if config.lr <= 0:
+  if not config.lr > 0:
     raise ConfigError(f'lr must be > 0, got {config.lr!r}')
+  check_at_least(config, 'clip')  # 0: no clipping
+  check_at_least(config, 'weight_decay')
+  check_fractions(config, ('momentum',))

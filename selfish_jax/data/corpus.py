@@ -222,4 +222,6 @@ def load_corpus_dir(directory: str) -> Corpus:
     if path is None:
       raise DataError(f'missing data file: no {split}.txt or {split}.txt.gz in {directory}')
     texts[split] = read_text(path)
+    if not texts[split].split():
+      raise DataError(f'data file {path} holds no words')
   return corpus_from_texts(texts)
