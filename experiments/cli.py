@@ -4,7 +4,9 @@ A problem the user can fix (an unknown flag or config key, a bad value, a
 missing or corrupt data file, a diverged run) is printed as one line
 ``error: ...`` on stderr and the program exits with status 1, no traceback.
 A preempted run (SIGTERM) saves its state, prints one line ``preempted: ...``
-and exits with status 143.
+and exits with status 143; Ctrl-C does the same with ``interrupted: ...`` and
+status 130 (a second Ctrl-C, or one outside training, stops at once, keeping
+what was saved).
 """
 
 from __future__ import annotations
@@ -187,6 +189,10 @@ def run(main: Callable[[list[str]], None], config_flag: flags.FlagHolder | None,
       fail(e)
     except Preempted as e:  # the state is saved: one line, the scheduler's exit status
       print(' '.join(str(e).split()), file=sys.stderr)
-      sys.exit(Preempted.exit_status)
+      sys.exit(e.exit_status)
+    except KeyboardInterrupt:  # Ctrl-C outside training, or twice
+      print('interrupted: stopped at once; the checkpoints already in the workdir are kept, '
+            'and the same command resumes from the latest', file=sys.stderr)
+      sys.exit(130)
 
   app.run(guarded, flags_parser=_flags_parser(config_flag))

@@ -27,8 +27,11 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 
 class Preempted(Exception):
-  """The job was asked to stop (SIGTERM: a TPU maintenance event, SLURM's
-  ``scancel``, a Kubernetes eviction); its state was saved at a training step
-  and running the same command again resumes from there."""
+  """The job was asked to stop: SIGTERM (a TPU maintenance event, SLURM's
+  ``scancel``, a Kubernetes eviction; exit status 143) or Ctrl-C (130). Its
+  state was saved at a training step and running the same command again
+  resumes from there."""
 
-  exit_status = 143  # 128 + SIGTERM, what schedulers expect of a terminated job
+  def __init__(self, message: str, exit_status: int = 143):
+    super().__init__(message)
+    self.exit_status = exit_status  # 128 + the signal, what schedulers and shells expect

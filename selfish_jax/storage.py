@@ -9,6 +9,7 @@ at once. Writers that must never leave a part of a file call
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 
@@ -45,3 +46,35 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     if os.path.exists(temporary):
       os.remove(temporary)
     raise
+
+
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_OUT_OF_SPACE_TEXT = ('No space left on device', 'Disk quota exceeded')
+
+
+def is_out_of_space(error: BaseException) -> bool:
+  """Whether ``error`` (or one it was raised from) says the storage is full:
+  an ``OSError`` with ``ENOSPC``/``EDQUOT``, or the text of one that a library
+  (tensorstore, orbax) re-raised as another type."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+      return True
+    if any(text in str(error) for text in _OUT_OF_SPACE_TEXT):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def move(source: str | os.PathLike, target: str | os.PathLike) -> None:
+  """Moves a file or folder to ``target`` (whose folder is made): a rename on a
+  disk; on an object store, every object under it copied and deleted."""
+  source, target = os.fspath(source), os.fspath(target)
+  if is_object_store(source):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fs, path = fsspec.core.url_to_fs(source)
+    fs.mv(path, fsspec.core.url_to_fs(target)[1], recursive=True)
+    return
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  os.rename(source, target)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from scipy import optimize
 
 from selfish_jax.sparsity.masks import Masks, is_none
 
@@ -68,6 +67,7 @@ def nnstd(mask_a: np.ndarray, mask_b: np.ndarray,
     intersection = np.sum(a * b, axis=0)
     union = a.sum(0) + b.sum(0) - intersection
     return float(np.mean(np.where(union > 0, 1.0 - intersection / np.maximum(union, 1.0), 0.0)))
+  from scipy import optimize  # pylint: disable=g-import-not-at-top  # only here: 0.4 s to import
   cost = neuron_distances(mask_a, mask_b)
   rows, cols = optimize.linear_sum_assignment(cost)
   return float(cost[rows, cols].mean())

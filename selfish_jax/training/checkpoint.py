@@ -1,50 +1,86 @@
-"""Atomic checkpoints with orbax: the latest train state, and the best weights.
+"""Atomic checkpoints with orbax, and the rule that makes a workdir survive any kill.
 
 ``WORKDIR/checkpoints/<step>`` holds the full :class:`TrainState` (params,
 masks, optimizer state with SNT-ASGD averages and counters, LSTM carry) and a
 JSON record of the loop's host state (epoch, position in the epoch, trigger
-history, best validation loss). ``WORKDIR/best/<epoch>`` holds the weights that
-scored best on validation (the averaged ones once SNT-ASGD is on), and
-``WORKDIR/switch/<step>`` the state, host state and best weights at the end
-of the epoch whose validation switched averaging on (what other optimizers
-fork from). Orbax writes
-into a temporary folder and renames it when complete, so an interrupted save
-never replaces a good checkpoint.
+history, best validation loss and the step of the best weights). The newest
+:data:`KEEP` are kept, so one that cannot be read (a damaged disk, a copy cut
+short) is moved aside into ``WORKDIR/unreadable/`` and the one before it
+resumed. ``WORKDIR/best/<step>`` holds weights that scored best on validation
+(the averaged ones once SNT-ASGD is on), saved at the step whose validation
+they won, and ``WORKDIR/switch/<step>`` the state, host state and best
+weights at the end of the epoch whose validation switched averaging on (what
+other optimizers fork from).
+
+**The checkpoint is the commit point.** Whatever a run writes for a step after
+its latest checkpoint (best weights, a switch checkpoint, metric records)
+belongs to no committed state until the next checkpoint names it: a run that
+resumes from step ``S`` first discards every entry newer than ``S``
+(:meth:`Checkpoints.discard_after`), and the best weights are the entry the
+checkpoint's host state names, never merely the newest. So a kill at any point
+of an epoch end (after the best weights, in the middle of the checkpoint,
+before the records) resumes to the uninterrupted run's records. Orbax writes
+each entry into a temporary folder and renames it when complete (on an object
+store: marks it complete last), so an interrupted save never looks complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import gc
+import logging as std_logging
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Iterable
 
+from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 from selfish_jax import storage
+from selfish_jax.errors import WorkdirError
 
 PyTree = Any
 
+# Latest checkpoints kept: the newest, and the one to fall back to if it cannot be read.
+KEEP = 2
+UNREADABLE = 'unreadable'  # where checkpoints that cannot be read are moved
 
-def _manager(directory: str) -> ocp.CheckpointManager:
+
+def _manager(directory: str, max_to_keep: int | None) -> ocp.CheckpointManager:
   # A local folder is made absolute; an object-store URL (gs://...) stays as it is.
   return ocp.CheckpointManager(
       directory if storage.is_object_store(directory) else os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           cleanup_tmp_directories=True))
 
 
 def _abstract(tree: PyTree) -> PyTree:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  line = text.splitlines()[0] if text else ''
+  return f'{type(error).__name__}: {line[:300]}'
+
+
 class Checkpoints:
-  """The latest-state and best-weights checkpoints of one workdir."""
+  """The latest-state, best-weights and switch checkpoints of one workdir."""
 
   def __init__(self, workdir: str):
-    self._latest = _manager(os.path.join(workdir, 'checkpoints'))
-    self._best = _manager(os.path.join(workdir, 'best'))
-    self._switch = _manager(os.path.join(workdir, 'switch'))
+    self.workdir = workdir
+    self._latest = _manager(os.path.join(workdir, 'checkpoints'), KEEP)
+    self._best = _manager(os.path.join(workdir, 'best'), None)
+    self._switch = _manager(os.path.join(workdir, 'switch'), None)
+
+  # The latest state.
 
   def save_latest(self, step: int, state: PyTree, host_state: dict) -> None:
+    """Commits ``step``: the state and host state (the older beyond :data:`KEEP` go)."""
     _save_state(self._latest, step, state, host_state)
 
   def latest_step(self) -> int | None:
@@ -52,9 +88,57 @@ class Checkpoints:
     return self._latest.latest_step()
 
   def restore_latest(self, like: PyTree) -> tuple[PyTree, dict] | None:
-    """``(state, host_state)`` of the latest checkpoint, or None if there is none."""
-    restored = _restore_state(self._latest, like)
-    return None if restored is None else (restored['state'], restored['host'])
+    """``(state, host_state)`` of the newest checkpoint that can be read, or None
+    if there is none.
+
+    A newer checkpoint that cannot be read while an older one can is moved
+    into ``WORKDIR/unreadable/`` with a warning line (it would block saving
+    its step again). If none can be read, nothing is moved and
+    :class:`WorkdirError` names the newest.
+    """
+    unreadable = []
+    for step in reversed(self._latest.all_steps()):
+      restored = None
+      try:
+        restored = _restore_state(self._latest, step, like)
+      except Exception as e:  # pylint: disable=broad-except
+        # tensorstore, JSON and file errors alike: anything that stops the read.
+        unreadable.append((step, _first_line(e)))
+      if restored is None:
+        _collect_failed_reads()
+        continue
+      for bad_step, error in unreadable:
+        moved_to = self._move_aside(bad_step)
+        logging.warning('The checkpoint of step %d in %s cannot be read (%s); it was moved to %s '
+                        'and the run resumes from the checkpoint of step %d.', bad_step,
+                        self._latest.directory, error, moved_to, step)
+      return restored['state'], restored['host']
+    if unreadable:
+      step, error = unreadable[0]
+      raise WorkdirError(
+          f'no checkpoint in {self._latest.directory} can be read: the newest, '
+          f'{self._latest.directory / str(step)}, fails with {error}; move the folder away to '
+          'start the run over')
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    source = self._latest.directory / str(step)
+    target = epath.Path(self.workdir) / UNREADABLE / f'checkpoints-{step}-{int(time.time())}'
+    if jax.process_index() == 0:
+      storage.move(source, target)
+    _sync('unreadable checkpoint moved')
+    self._latest.reload()
+    return os.fspath(target)
+
+  def discard_after(self, step: int) -> None:
+    """Removes every best-weights and switch entry saved after ``step`` (-1: all of
+    them): what a run killed after its checkpoint of ``step`` wrote for a step it
+    never committed. Run before a resumed (or restarted) run writes anything."""
+    for manager, what in ((self._best, 'best weights'), (self._switch, 'switch checkpoint')):
+      for stale in [s for s in manager.all_steps() if s > step]:
+        logging.info('Discarding the %s of step %d in %s: saved after the checkpoint the run '
+                     'resumes from.', what, stale, manager.directory)
+        manager.delete(stale)
 
   def latest_masks(self) -> PyTree | None:
     """The masks of the latest checkpoint, read without the model (nested dicts
@@ -66,6 +150,51 @@ class Checkpoints:
         state=ocp.args.StandardRestore()))
     return restored['state']['masks']
 
+  # The best weights.
+
+  def save_best(self, step: int, weights: PyTree) -> None:
+    """Saves the weights that validated best at ``step``. They count once a
+    checkpoint's host state names ``step`` (see the module docstring)."""
+    _save(self._best, step, ocp.args.StandardSave(weights), weights)
+
+  def keep_best(self, steps: Iterable[int | None]) -> None:
+    """Deletes the best-weights entries other than ``steps`` (those the kept
+    checkpoints name)."""
+    keep = set(steps)
+    for step in self._best.all_steps():
+      if step not in keep:
+        self._best.delete(step)
+
+  def newest_best(self) -> int | None:
+    """The newest best-weights entry (what workdirs written before the host
+    state named its best step had)."""
+    return self._best.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step of the best weights that the latest checkpoint names (for readers
+    of a run: an entry newer than the checkpoint is not committed yet)."""
+    step = self._latest.latest_step()
+    if step is None:
+      return self.newest_best()
+    host = self._latest.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))['host']
+    return host['best_step'] if 'best_step' in host else self.newest_best()
+
+  def restore_best(self, like: PyTree, step: int | None = None) -> PyTree | None:
+    """The best weights saved at ``step`` (default: :meth:`best_step`), shaped like
+    ``like``, or None if there are none."""
+    step = self.best_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      return self._best.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+    except Exception as e:  # pylint: disable=broad-except
+      error = _first_line(e)
+    _collect_failed_reads()
+    raise WorkdirError(f'the best weights {self._best.directory / str(step)} cannot be read '
+                       f'({error})')
+
+  # Where averaging switched on.
+
   def save_switch(self, step: int, state: PyTree, host_state: dict, best: PyTree) -> None:
     """Saves where averaging switched on: the state, the host state, and the best
     weights so far (a continuation's test must not miss an earlier best)."""
@@ -73,18 +202,11 @@ class Checkpoints:
 
   def restore_switch(self, like: PyTree) -> tuple[PyTree, dict, PyTree] | None:
     """``(state, host_state, best weights)`` where averaging was switched on, or None."""
-    restored = _restore_state(self._switch, like, best=like.params)
-    return None if restored is None else (restored['state'], restored['host'], restored['best'])
-
-  def save_best(self, epoch: int, weights: PyTree) -> None:
-    self._best.save(epoch, args=ocp.args.StandardSave(weights), force=True)
-    self._best.wait_until_finished()
-
-  def restore_best(self, like: PyTree) -> PyTree | None:
-    epoch = self._best.latest_step()
-    if epoch is None:
+    step = self._switch.latest_step()
+    if step is None:
       return None
-    return self._best.restore(epoch, args=ocp.args.StandardRestore(_abstract(like)))
+    restored = _restore_state(self._switch, step, like, best=like.params)
+    return restored['state'], restored['host'], restored['best']
 
   def close(self) -> None:
     self._latest.close()
@@ -92,21 +214,99 @@ class Checkpoints:
     self._switch.close()
 
 
+def _collect_failed_reads() -> None:
+  """Collects the futures of a read that failed now, without asyncio's line for
+  each ("exception was never retrieved", a page of tensorstore spec apiece):
+  the run's own warning or error says what could not be read."""
+
+  class _Drop(std_logging.Filter):
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+      return 'exception was never retrieved' not in record.getMessage()
+
+  logger, drop = std_logging.getLogger('asyncio'), _Drop()
+  logger.addFilter(drop)
+  try:
+    gc.collect()
+  finally:
+    logger.removeFilter(drop)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'selfish_jax: {name}')
+
+
 def _save_state(manager: ocp.CheckpointManager, step: int, state: PyTree, host_state: dict,
                 **trees: PyTree) -> None:
   """Saves ``state``, the JSON ``host_state`` and any further named ``trees``."""
-  manager.save(step, args=ocp.args.Composite(
+  _save(manager, step, ocp.args.Composite(
       state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state),
-      **{name: ocp.args.StandardSave(tree) for name, tree in trees.items()}), force=True)
-  manager.wait_until_finished()
+      **{name: ocp.args.StandardSave(tree) for name, tree in trees.items()}),
+        (state, *trees.values()))
 
 
-def _restore_state(manager: ocp.CheckpointManager, like: PyTree, **tree_likes: PyTree):
-  """The items of the latest :func:`_save_state` (``'state'``, ``'host'`` and
-  the trees named in ``tree_likes``, each shaped like its value), or None."""
-  step = manager.latest_step()
-  if step is None:
-    return None
+def _save(manager: ocp.CheckpointManager, step: int, args: Any, arrays: PyTree) -> None:
+  """``manager.save`` of ``step``, waited for, once there is room for it."""
+  _check_room(manager, arrays)
+  with _orbax_errors_held_back():
+    manager.save(step, args=args, force=True)
+    manager.wait_until_finished()
+
+
+def _bytes_in(path: epath.Path) -> int:
+  return sum(os.path.getsize(os.path.join(folder, name))
+             for folder, _, names in os.walk(path) for name in names)
+
+
+def _check_room(manager: ocp.CheckpointManager, arrays: PyTree) -> None:
+  """On a disk, refuses a save that would not fit before anything of it is
+  written (orbax's writer threads would fail half-way, each with a traceback):
+  it takes about what the newest saved entry took, or the arrays' bytes."""
+  if storage.is_object_store(manager.directory):
+    return
+  newest = manager.latest_step()
+  need = (_bytes_in(manager.directory / str(newest)) if newest is not None else
+          sum(leaf.nbytes for leaf in jax.tree.leaves(arrays)))
+  free = shutil.disk_usage(manager.directory).free
+  if free < 1.2 * need + (64 << 10):
+    raise OSError(errno.ENOSPC, f'No space left on device: {free} bytes free in '
+                  f'{manager.directory}, a checkpoint there takes about {need}')
+
+
+@contextlib.contextmanager
+def _orbax_errors_held_back():
+  """Within: orbax's error lines (each with its writer thread's traceback) are
+  held back. If the block fails because the storage is full they are dropped
+  (the run's one line says so); otherwise they are logged when it ends."""
+  held = []
+
+  class _Hold(std_logging.Filter):
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+      if record.levelno >= std_logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
+        held.append(record)
+        return False
+      return True
+
+  logger, hold, full = std_logging.getLogger('absl'), _Hold(), False
+  logger.addFilter(hold)
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    full = storage.is_out_of_space(e)
+    raise
+  finally:
+    logger.removeFilter(hold)
+    for record in [] if full else held:
+      logger.handle(record)
+
+
+def _restore_state(manager: ocp.CheckpointManager, step: int, like: PyTree,
+                   **tree_likes: PyTree) -> dict:
+  """The items of :func:`_save_state` at ``step`` (``'state'``, ``'host'`` and
+  the trees named in ``tree_likes``, each shaped like its value)."""
   return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore(),
       **{name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in tree_likes.items()}))

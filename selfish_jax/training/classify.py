@@ -21,13 +21,14 @@ import optax
 
 from selfish_jax import config as config_lib
 from selfish_jax import sparsity
-from selfish_jax.checks import check_choice, check_fractions, check_int
+from selfish_jax.checks import check_choice, check_finite_numbers, check_fractions, check_int
 from selfish_jax.data import documents as documents_lib
 from selfish_jax.errors import ConfigError
 from selfish_jax.models.classifier import LSTMClassifier
-from selfish_jax.training import metrics, steps
+from selfish_jax.training import metrics
 from selfish_jax.training.core import SparseTraining
 from selfish_jax.training.loop import Run
+from selfish_jax.training.state import TrainState
 
 
 POOLINGS = ('mean', 'last')
@@ -67,6 +68,7 @@ def classification_config() -> ml_collections.ConfigDict:
 def validate_classification(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises :class:`ConfigError` naming the first bad or unknown value."""
   config_lib.check_known_keys(config, classification_config())
+  check_finite_numbers(config)
   check_choice(config, 'corpus', documents_lib.DOCUMENT_CORPORA)
   config_lib.validate_sparse_training(config)
   check_choice(config, 'pooling', POOLINGS)
@@ -166,7 +168,7 @@ class Classification:
     return _ShuffledBatches(self.train_ids, self.train_weights, self.train_labels, order,
                             self.config.batch_size)
 
-  def begin_epoch(self, state: steps.TrainState) -> steps.TrainState:
+  def begin_epoch(self, state: TrainState) -> TrainState:
     return state
 
   def train_step(self, state, batch):
@@ -200,14 +202,14 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     task.model.gate_layout)
   state = core.init_state(task.init_params(init_key), mask_key)
   task.compile(core.tx, dropout_key)
-  run = Run(config, workdir, core, state, description=task.description)
-  run.train(task)
-  accuracies = [r['held_out_accuracy'] for r in metrics.read_records(workdir, metrics.EPOCH)]
-  state = run.state
-  final = run.finish({'best_accuracy': max(accuracies, default=0.0),
-                      'final_accuracy': accuracies[-1] if accuracies else None,
-                      'density': sparsity.overall_density(state.masks),
-                      'params': sparsity.parameter_count(state.params, state.masks)})
+  with Run(config, workdir, core, state, description=task.description) as run:
+    run.train(task)
+    accuracies = [r['held_out_accuracy'] for r in metrics.read_records(workdir, metrics.EPOCH)]
+    state = run.state
+    final = run.finish({'best_accuracy': max(accuracies, default=0.0),
+                        'final_accuracy': accuracies[-1] if accuracies else None,
+                        'density': sparsity.overall_density(state.masks),
+                        'params': sparsity.parameter_count(state.params, state.masks)})
   logging.info('| end of training | best held-out accuracy %.4f | final %.4f',
                final['best_accuracy'], final['final_accuracy'])
   return final

@@ -15,7 +15,6 @@ step and evaluation.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 from absl import logging
@@ -29,7 +28,7 @@ from selfish_jax import optim, sparsity
 from selfish_jax.sparsity import methods
 from selfish_jax.training import workdir as workdir_lib
 from selfish_jax.training.checkpoint import Checkpoints
-from selfish_jax.training.steps import TrainState
+from selfish_jax.training.state import HostState, TrainState
 
 PyTree = Any
 
@@ -76,29 +75,6 @@ def averaging_starts(epoch: int, previous_losses: Sequence[float], loss: float, 
   :func:`nonmonotone_trigger` on the validation ``loss``."""
   fixed = bool(start_epoch) and epoch + 1 >= start_epoch
   return fixed or nonmonotone_trigger(previous_losses, loss, nonmono)
-
-
-@dataclasses.dataclass
-class HostState:
-  """Loop state kept on the host and checkpointed as JSON."""
-  epoch: int = 1  # the epoch in progress
-  window: int = 0  # batches of this epoch already trained
-  val_losses: list = dataclasses.field(default_factory=list)  # SGD-phase history
-  best_val_loss: float = math.inf
-  # Of this epoch's checked training losses: their sum and count (the epoch's mean loss).
-  train_loss_sum: float = 0.0
-  train_loss_count: int = 0
-
-  def to_json(self) -> dict:
-    d = dataclasses.asdict(self)
-    d['best_val_loss'] = None if math.isinf(self.best_val_loss) else self.best_val_loss
-    return d
-
-  @classmethod
-  def from_json(cls, d: dict) -> 'HostState':
-    d = dict(d)
-    d['best_val_loss'] = math.inf if d['best_val_loss'] is None else d['best_val_loss']
-    return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,10 +4,19 @@ Per epoch, as the reference does: train on every batch (the core's step-level
 topology updates between steps); validate on the weights the optimizer says
 (the averages once SNT-ASGD is on) and keep the best; end the epoch through
 :meth:`SparseTraining.end_epoch` (switch, topology update, restarts); write
-the epoch record; checkpoint. A run resumes from its latest checkpoint, also
-in the middle of an epoch, to the same numbers; SIGTERM saves the state and
-stops (:class:`~selfish_jax.errors.Preempted`); a non-finite loss stops the
-run before anything of it is saved.
+the epoch record; checkpoint.
+
+A workdir survives any kill. One run at a time holds it (a second is refused,
+naming the holder). The checkpoint is every transition's commit point (see
+:mod:`~selfish_jax.training.checkpoint`): a run resumes from its latest
+checkpoint that can be read, also in the middle of an epoch or of a logging
+interval, discards whatever was written after it (records, best weights, a
+switch checkpoint), and ends with the uninterrupted run's records; a run that
+restores nothing starts its records over. SIGTERM and Ctrl-C save the state at
+the next step and stop (:class:`~selfish_jax.errors.Preempted`). A non-finite
+loss or non-finite parameters stop the run before anything of them is saved,
+and a full disk stops it with one line; in both cases what was saved before
+stays, and the same command resumes from it.
 
 A task supplies a :class:`Task`: its batches, its train step and its
 evaluation. Everything else is here and in :mod:`selfish_jax.training.core`.
@@ -15,7 +24,10 @@ evaluation. Everything else is here and in :mod:`selfish_jax.training.core`.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
+import signal
 import time
 from typing import Any, Callable, Protocol
 
@@ -25,14 +37,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from selfish_jax.errors import Preempted, TrainingDiverged
+from selfish_jax import storage
+from selfish_jax.errors import Preempted, TrainingDiverged, WorkdirError
 from selfish_jax.training import metrics
 from selfish_jax.training import workdir as workdir_lib
-from selfish_jax.training.checkpoint import Checkpoints
-from selfish_jax.training.core import HostState, SparseTraining, check_resumable
+from selfish_jax.training.checkpoint import KEEP, Checkpoints
+from selfish_jax.training.core import SparseTraining, check_resumable
 from selfish_jax.training.metrics import MetricWriter
-from selfish_jax.training.preemption import PreemptionWatch
-from selfish_jax.training.steps import TrainState
+from selfish_jax.training.preemption import StopWatch
+from selfish_jax.training.state import HostState, TrainState
 
 PyTree = Any
 
@@ -87,8 +100,20 @@ def _duration(seconds: float) -> str:
       f'{seconds // 60}m{seconds % 60:02d}s')
 
 
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+  """One fused reduction: whether every floating entry of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 class Run:
   """A run in ``workdir``: opened (new, resumed, or from ``start``), trained, finished.
+
+  Use as a context manager: it holds the workdir's lock and the SIGTERM and
+  Ctrl-C handlers until the block ends (:meth:`close`). A signal that arrives
+  after training (in the test) lets the test finish and its record be written.
 
   Args:
     config: the run's config (saved as ``config.json``; a resume must match it
@@ -104,6 +129,22 @@ class Run:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, core: SparseTraining,
                state: TrainState, *, description: str, start: Start | None = None):
     self.config, self.workdir, self.core = config, workdir, core
+    self.checkpoints = self.writer = None
+    self._saved_step = None
+    self._pending = []  # (step, loss on the device) not yet checked for divergence
+    # The best weights each kept checkpoint names (the older is the fallback's).
+    self._named_best = collections.deque(maxlen=KEEP)
+    self._lock = workdir_lib.lock_workdir(workdir)
+    self._stop = StopWatch().__enter__()
+    try:
+      with self._out_of_space():
+        self._open(state, description, start)
+    except BaseException:
+      self.close()
+      raise
+
+  def _open(self, state: TrainState, description: str, start: Start | None) -> None:
+    config, workdir, core = self.config, self.workdir, self.core
     workdir_lib.open_workdir(workdir, workdir_lib.as_saved(config),
                              lambda saved: check_resumable(saved, config))
     self.checkpoints = Checkpoints(workdir)
@@ -113,93 +154,151 @@ class Run:
     if restored is not None:
       state, host_json = restored
       self.host = HostState.from_json(host_json)
-      self.writer.truncate_after(int(state.step))
+      if 'best_step' not in host_json:  # a workdir from before the host state named it
+        self.host.best_step = self.checkpoints.newest_best()
+      self._saved_step = int(state.step)
+      self._named_best.append(self.host.best_step)
+      self.checkpoints.discard_after(self._saved_step)
+      self.writer.truncate_after(self._saved_step)
       logging.info('Resumed from %s at step %d (epoch %d, window %d).', workdir, int(state.step),
                    self.host.epoch, self.host.window)
-    elif start is not None:
-      state, self.host, records, best = start(state, core)
-      self.writer.truncate_after(-1)  # a start interrupted before its checkpoint starts over
-      for record in records:
-        self.writer.write(record)
-      if best is not None:
-        self.checkpoints.save_best(self.host.epoch - 1, best)
-      self.checkpoints.save_latest(int(state.step), state, self.host.to_json())
     else:
-      logging.info('Start: %s; %s', description, core.describe(state))
+      # Nothing committed: whatever an earlier start left is not part of this run.
+      self.checkpoints.discard_after(-1)
+      self.writer.truncate_after(-1)
+      if start is not None:
+        state, self.host, records, best = start(state, core)
+        for record in records:
+          self.writer.write(record)
+        self.host.best_step = None
+        if best is not None:
+          self._save_best(int(state.step), best)
+        self.state = state
+        self._save_latest()
+      else:
+        logging.info('Start: %s; %s', description, core.describe(state))
     self.state = state
-    self._saved_step = self.checkpoints.latest_step()
-    self._unchecked = []  # (step, loss on the device) not yet checked for divergence
 
-  def _diverged(self, what: str, value: float, step: int) -> TrainingDiverged:
-    kept = (f'the checkpoint of step {self._saved_step} and the best weights in {self.workdir} '
-            'are kept unchanged' if self._saved_step is not None
-            else 'no checkpoint had been written')
-    return TrainingDiverged(f'training diverged: {what} is {value} at step {step}; {kept} '
+  def __enter__(self) -> 'Run':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  # ------------------------------------------------------------------ checks and saves
+
+  def _kept(self) -> str:
+    if self._saved_step is None:
+      return 'no checkpoint had been written'
+    return (f'the checkpoint of step {self._saved_step} and the best weights in {self.workdir} '
+            'are kept unchanged')
+
+  def _diverged(self, what: str, step: int) -> TrainingDiverged:
+    return TrainingDiverged(f'training diverged: {what} at step {step}; {self._kept()} '
                             '(a lower lr or a stronger clip may help)')
+
+  @contextlib.contextmanager
+  def _out_of_space(self):
+    """Within: a full disk or quota stops the run with one line saying what is kept."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, WorkdirError) or not storage.is_out_of_space(e):
+        raise
+      reason = ' '.join(str(e).split())[:300]
+      raise WorkdirError(f'no space left to write into {self.workdir} ({reason}); '
+                         f'{self._kept()}: free some space and run the same command to '
+                         'resume') from e
 
   def _check_losses(self) -> None:
     """Stops the run at the first NaN or inf training loss, before anything of it
-    is saved; adds the checked losses to the epoch's sum."""
-    if not self._unchecked:
+    is saved; adds the checked losses to the epoch's and the interval's."""
+    if not self._pending:
       return
-    values = np.asarray(jax.device_get([loss for _, loss in self._unchecked]), np.float64)
+    values = np.asarray(jax.device_get([loss for _, loss in self._pending]), np.float32)
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
-      raise self._diverged('the training loss', values[bad[0]], self._unchecked[bad[0]][0])
-    self.host.train_loss_sum = math.fsum([self.host.train_loss_sum, *values])
-    self.host.train_loss_count += len(values)
-    self._unchecked.clear()
+      raise self._diverged(f'the training loss is {values[bad[0]]}', self._pending[bad[0]][0])
+    self.host.add_train_losses([float(v) for v in values])
+    self._pending.clear()
+
+  def _check_finite(self, what: str, tree: PyTree) -> None:
+    if not bool(_all_finite(tree)):
+      raise self._diverged(f'{what} are not finite', int(self.state.step))
 
   def _save_latest(self) -> None:
+    """Commits the state: the losses and parameters are checked first."""
     self._check_losses()
+    self._check_finite('the parameters', self.state.params)
     self.checkpoints.save_latest(int(self.state.step), self.state, self.host.to_json())
     self._saved_step = int(self.state.step)
+    self._named_best.append(self.host.best_step)
+    self.checkpoints.keep_best(self._named_best)
+
+  def _save_best(self, step: int, weights: PyTree) -> None:
+    self._check_finite('the weights to keep as the best', weights)
+    self.checkpoints.save_best(step, weights)
+    self.host.best_step = step
+
+  def _stopped(self, what: str) -> Preempted:
+    """The exception that ends a run asked to stop, whose state of ``what`` is saved."""
+    self.close()
+    if self._stop.signal == signal.SIGINT:
+      return Preempted(f'interrupted: the state of {what} is saved in {self.workdir}; run the '
+                       'same command to resume', exit_status=130)
+    return Preempted(f'preempted: the state of {what} is saved in {self.workdir}; run the same '
+                     'command to resume')
+
+  # ------------------------------------------------------------------ training
 
   def train(self, task: Task) -> None:
     """Trains the epochs left (none for a finished run)."""
+    with self._out_of_space():
+      self._train(task)
+
+  def _train(self, task: Task) -> None:
     config, core, host = self.config, self.core, self.host
     step = int(self.state.step)  # kept on the host from here on: no device sync per step
-    # SIGTERM (TPU maintenance, scancel, eviction): save at a step and stop.
-    with PreemptionWatch() as preemption:
-      while host.epoch <= config.num_epochs:
-        epoch = host.epoch
-        epoch_start = time.time()
-        if host.window == 0:
-          self.state = task.begin_epoch(self.state)
-        batches = task.epoch_batches(epoch)
-        epoch_steps = len(batches)
-        losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
-        epoch_tokens = 0
-        for index in range(host.window, epoch_steps):
-          self.state, loss = task.train_step(self.state, batches[index])
-          step += 1
-          tokens = batches.tokens(index)
-          interval_tokens += tokens
-          epoch_tokens += tokens
-          self.state = core.after_step(self.state, step)
-          losses.append(loss)
-          self._unchecked.append((step, loss))
-          interval_steps += 1
-          host.window = index + 1
-          if host.window % config.log_every == 0 or host.window == epoch_steps:
-            self._check_losses()
-            self._log_progress(epoch, epoch_steps, losses, time.time() - interval_start,
-                               interval_steps, interval_tokens)
-            losses, interval_start, interval_steps, interval_tokens = [], time.time(), 0, 0
-          if (config.checkpoint_every_steps and host.window % config.checkpoint_every_steps == 0
-              and host.window < epoch_steps):
-            self._save_latest()
-          if preemption.reached(step):
-            self._save_latest()
-            self.close()
-            raise Preempted(f'preempted: the state of step {step} (epoch {epoch}, window '
-                            f'{host.window} of {epoch_steps}) is saved in {self.workdir}; run '
-                            'the same command to resume')
-        self._check_losses()
-        self._end_epoch(task, epoch, step, epoch_start, time.time() - epoch_start, epoch_tokens)
+    while host.epoch <= config.num_epochs:
+      epoch = host.epoch
+      epoch_start = time.time()
+      if host.window == 0:
+        self.state = task.begin_epoch(self.state)
+      batches = task.epoch_batches(epoch)
+      epoch_steps = len(batches)
+      interval_start, interval_steps, interval_tokens, epoch_tokens = time.time(), 0, 0, 0
+      for index in range(host.window, epoch_steps):
+        self.state, loss = task.train_step(self.state, batches[index])
+        step += 1
+        tokens = batches.tokens(index)
+        interval_tokens += tokens
+        epoch_tokens += tokens
+        self.state = core.after_step(self.state, step)
+        self._pending.append((step, loss))
+        interval_steps += 1
+        host.window = index + 1
+        if host.window % config.log_every == 0 or host.window == epoch_steps:
+          self._log_progress(epoch, epoch_steps, time.time() - interval_start, interval_steps,
+                             interval_tokens)
+          interval_start, interval_steps, interval_tokens = time.time(), 0, 0
+        if (config.checkpoint_every_steps and host.window % config.checkpoint_every_steps == 0
+            and host.window < epoch_steps):
+          self._save_latest()
+        if self._stop.reached(step):
+          self._save_latest()
+          raise self._stopped(f'step {step} (epoch {epoch}, window {host.window} of '
+                              f'{epoch_steps})')
+      self._check_losses()
+      self._end_epoch(task, epoch, step, epoch_start, time.time() - epoch_start, epoch_tokens)
+      if self._stop.signal is not None:  # arrived during the epoch end, now committed
+        raise self._stopped(f'step {step} (the end of epoch {epoch})')
 
-  def _log_progress(self, epoch, epoch_steps, losses, elapsed, steps, tokens) -> None:
-    mean_loss = float(jnp.mean(jnp.stack(losses)))
+  def _log_progress(self, epoch, epoch_steps, elapsed, steps, tokens) -> None:
+    self._check_losses()
+    # The interval's losses are part of the host state: a run resumed inside
+    # the interval logs the mean an uninterrupted run logs.
+    mean_loss = float(jnp.mean(jnp.asarray(self.host.interval_losses, jnp.float32)))
+    self.host.interval_losses = []
     record = {'kind': metrics.TRAIN, 'step': int(self.state.step), 'epoch': epoch,
               'loss': mean_loss, 'ppl': perplexity(mean_loss),
               'ms_per_step': 1000 * elapsed / steps, 'tokens_per_s': tokens / elapsed}
@@ -210,21 +309,22 @@ class Run:
                  record['ppl'], record['ms_per_step'], record['tokens_per_s'], _duration(left))
 
   def _end_epoch(self, task, epoch, step, epoch_start, train_time, epoch_tokens) -> None:
+    """Validation, the best weights, the core's epoch end and the record, then
+    the commit: the checkpoint of ``step`` (see the module docstring)."""
     core, host = self.core, self.host
     weights = core.eval_weights(self.state)
     val_loss, fields = task.evaluate(weights)
     if not math.isfinite(val_loss):
-      raise self._diverged('the validation loss', val_loss, step)
+      raise self._diverged(f'the validation loss is {val_loss}', step)
     improved = val_loss < host.best_val_loss
     if improved:
       host.best_val_loss = val_loss
-      self.checkpoints.save_best(epoch, weights)
+      self._save_best(step, weights)
     self.state, end = core.end_epoch(self.state, host, epoch, step, val_loss)
     masks = core.mask_fields(self.state)
     rates = core.rates(step)
-    train_loss = host.train_loss_sum / max(host.train_loss_count, 1)
     record = {'kind': metrics.EPOCH, 'step': step, 'epoch': epoch, **fields,
-              'train_loss': train_loss, 'optimizer': 'asgd' if end.averaging else 'sgd',
+              'train_loss': host.train_loss, 'optimizer': 'asgd' if end.averaging else 'sgd',
               **rates, 'epoch_time_s': time.time() - epoch_start,
               # Of this session's part of the epoch (all of it unless resumed mid-epoch).
               'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
@@ -239,26 +339,39 @@ class Run:
     for name, gates in masks['gate_density'].items():
       logging.info('    gate density %s: %s', name,
                    ' '.join(f'{g}={d:.3f}' for g, d in gates.items()))
-    host.epoch, host.window = epoch + 1, 0
-    host.train_loss_sum, host.train_loss_count = 0.0, 0
-    self._save_latest()
+    host.next_epoch()
     if end.switched:
+      self._check_finite('the parameters', self.state.params)
       self.checkpoints.save_switch(step, self.state, host.to_json(), self.best_weights())
+    self._save_latest()
 
   def best_weights(self) -> PyTree:
     """The weights that validated best (the current ones if none were saved)."""
-    best = self.checkpoints.restore_best(self.state.params)
-    return self.state.params if best is None else best
+    if self.host.best_step is None:
+      return self.state.params
+    return self.checkpoints.restore_best(self.state.params, self.host.best_step)
 
   def finish(self, final: dict) -> dict:
     """Writes the final record (once: a finished run started again adds none)
     and closes the run; returns ``final`` with its kind and step."""
     final = {'kind': metrics.FINAL, 'step': int(self.state.step), **final}
-    if metrics.final_record(self.workdir) is None:
-      self.writer.write(final)
+    with self._out_of_space():
+      if metrics.final_record(self.workdir) is None:
+        self.writer.write(final)
+    if self._stop.signal is not None:
+      logging.info('%s arrived after training; the test finished and the run is complete.',
+                   signal.Signals(self._stop.signal).name)
     self.close()
     return final
 
   def close(self) -> None:
-    self.writer.close()
-    self.checkpoints.close()
+    """Closes the writer and checkpoints, restores the signal handlers and
+    releases the workdir's lock (again: nothing)."""
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
+    if self.checkpoints is not None:
+      self.checkpoints.close()
+      self.checkpoints = None
+    self._stop.__exit__()
+    self._lock.release()

@@ -1,11 +1,10 @@
-"""Pure train/eval steps and the train state (jitted by the caller)."""
+"""Pure train/eval steps of language models (jitted by the caller)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,33 +14,9 @@ from selfish_jax.data.batching import Windows
 from selfish_jax import models
 from selfish_jax.models import layers
 from selfish_jax.training import parallel
+from selfish_jax.training.state import TrainState
 
 PyTree = Any
-
-
-class TrainState(flax.struct.PyTreeNode):
-  """Everything that changes during training, as one pytree.
-
-  Attributes:
-    step: global training step (int32).
-    params: model parameters, zero wherever their mask is False.
-    masks: boolean masks beside ``params`` (``None`` for dense leaves).
-    opt_state: optimizer state (SNT-ASGD averages and counters included).
-    carry: the recurrent state carried from one BPTT window to the next.
-    method_state: what the sparse method carries between updates (DSR's threshold).
-    ever_active: masks of the weights active at any point so far (the ITOP rate's).
-    gradients: the gradient the latest training step computed, kept only for
-      methods that grow by gradient (None otherwise): what their next
-      topology update ranks, as the reference reads ``weight.grad``.
-  """
-  step: jax.Array
-  params: PyTree
-  masks: PyTree
-  opt_state: optax.OptState
-  carry: PyTree
-  method_state: PyTree
-  ever_active: PyTree
-  gradients: PyTree = None
 
 
 def window_loss(model: nn.Module, params: PyTree, carry: PyTree, window: Windows, *,

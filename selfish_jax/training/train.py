@@ -20,10 +20,12 @@ import numpy as np
 
 from selfish_jax import config as config_lib
 from selfish_jax import flops, models, sparsity
-from selfish_jax.data import batchify, batching, load_corpus
+from selfish_jax.data import Corpus, batchify, batching, load_corpus
+from selfish_jax.errors import DataError
 from selfish_jax.training import parallel, steps
 from selfish_jax.training.core import SparseTraining
 from selfish_jax.training.loop import Run, Start, perplexity
+from selfish_jax.training.state import TrainState
 
 PyTree = Any
 
@@ -49,8 +51,20 @@ class _EpochWindows:
     return int(self._tokens[index])
 
 
+def _columns(corpus: Corpus, split: str, key: str, batch_size: int,
+             config: ml_collections.ConfigDict) -> np.ndarray:
+  """``batchify`` of a split, or a DataError naming the corpus whose split is too
+  short for the batch (every column needs an input and a target)."""
+  tokens = corpus.split(split)
+  if len(tokens) < 2 * batch_size:
+    raise DataError(f'the {split} split of the {config.dataset} corpus in {config.data_dir} has '
+                    f'{len(tokens)} tokens: too few for {key}={batch_size} (it needs at least '
+                    f'{2 * batch_size})')
+  return batchify(tokens, batch_size)
+
+
 def initial_state(core: SparseTraining, model: models.LanguageModel, batch_size: int,
-                  init_key: jax.Array) -> steps.TrainState:
+                  init_key: jax.Array) -> TrainState:
   """A language model's fresh state: its initial params masked by the core, a zero carry."""
   params_key, mask_key = jax.random.split(init_key)
   return core.init_state(models.init_params(model, params_key), mask_key,
@@ -64,7 +78,8 @@ class LanguageModelling:
     self.config = config
     corpus = load_corpus(config.dataset, config.data_dir, allow_download=config.download,
                          base_url=config.download_url or None)
-    self._train_columns = batchify(corpus.train, config.batch_size)
+    columns = lambda split, key, batch_size: _columns(corpus, split, key, batch_size, config)
+    self._train_columns = columns('train', 'batch_size', config.batch_size)
     self._fixed_windows = batching.make_windows(self._train_columns, config.bptt)
     # Nominal: variable BPTT draws a few more (shorter) windows an epoch. The
     # method's schedules run over num_epochs x this many steps.
@@ -77,12 +92,12 @@ class LanguageModelling:
     self.batch_sharded = parallel.batch_sharding(mesh)
     by_rows = parallel.batch_sharding(mesh, batch_axis=1)
     self.valid_windows = parallel.put(batching.make_windows(
-        batchify(corpus.valid, config.eval_batch_size), config.bptt), by_rows)
+        columns('valid', 'eval_batch_size', config.eval_batch_size), config.bptt), by_rows)
     self.test_batch_size = config.test_batch_size or config.eval_batch_size
     # A test batch the devices do not divide (the official scripts' batch 1) is
     # evaluated whole on every device.
     self.test_windows = parallel.put(batching.make_windows(
-        batchify(corpus.test, self.test_batch_size), config.bptt),
+        columns('test', 'test_batch_size', self.test_batch_size), config.bptt),
         by_rows if self.test_batch_size % mesh.devices.size == 0 else self.replicated)
     self.model = models.build_model(config, corpus.vocab_size, mesh.devices.size)
     self.description = (f'{config.model} language model on {config.dataset} '
@@ -93,7 +108,7 @@ class LanguageModelling:
       return min(num_windows, self.config.max_steps_per_epoch)
     return num_windows
 
-  def initial_state(self, core: SparseTraining, init_key: jax.Array) -> steps.TrainState:
+  def initial_state(self, core: SparseTraining, init_key: jax.Array) -> TrainState:
     """The fresh state, placed on the mesh (replicated params, carry split by rows)."""
     state = initial_state(core, self.model, self.config.batch_size, init_key)
     self.state_sharding = parallel.train_state_sharding(self.mesh, state)
@@ -127,7 +142,7 @@ class LanguageModelling:
       factors = np.ones(windows.num_windows, np.float32)
     return _EpochWindows(windows, factors, self._limit(windows.num_windows), self.batch_sharded)
 
-  def begin_epoch(self, state: steps.TrainState) -> steps.TrainState:
+  def begin_epoch(self, state: TrainState) -> TrainState:
     return state.replace(carry=parallel.put(self.model.initial_carry(self.config.batch_size),
                                             self.batch_sharded))
 
@@ -168,23 +183,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       task.model.gate_layout)
     state = task.initial_state(core, init_key)
     task.compile(core.tx, dropout_key)
-    run = Run(config, workdir, core, state, description=task.description, start=start)
-    run.train(task)
-    test_loss = task.test(run.best_weights())
-    state = run.state
-    dense_forward = flops.forward_flops_per_token(
-        state.params, sparsity.dense_masks(state.params), task.model.weight_uses)
-    sparse_forward = flops.forward_flops_per_token(state.params, state.masks,
-                                                   task.model.weight_uses)
-    final = run.finish({
-        'test_loss': test_loss, 'test_ppl': perplexity(test_loss),
-        'best_val_loss': run.host.best_val_loss,
-        'best_val_ppl': perplexity(run.host.best_val_loss),
-        'density': sparsity.overall_density(state.masks),
-        'params': sparsity.parameter_count(state.params, state.masks),
-        'train_flops_relative': flops.train_flops_relative(
-            core.method, sparse_forward, dense_forward,
-            config.num_epochs * task.steps_per_epoch)})
+    with Run(config, workdir, core, state, description=task.description, start=start) as run:
+      run.train(task)
+      test_loss = task.test(run.best_weights())
+      state = run.state
+      dense_forward = flops.forward_flops_per_token(
+          state.params, sparsity.dense_masks(state.params), task.model.weight_uses)
+      sparse_forward = flops.forward_flops_per_token(state.params, state.masks,
+                                                     task.model.weight_uses)
+      final = run.finish({
+          'test_loss': test_loss, 'test_ppl': perplexity(test_loss),
+          'best_val_loss': run.host.best_val_loss,
+          'best_val_ppl': perplexity(run.host.best_val_loss),
+          'density': sparsity.overall_density(state.masks),
+          'params': sparsity.parameter_count(state.params, state.masks),
+          'train_flops_relative': flops.train_flops_relative(
+              core.method, sparse_forward, dense_forward,
+              config.num_epochs * task.steps_per_epoch)})
     logging.info('| end of training | test loss %5.2f | test ppl %8.2f | best valid ppl %8.2f',
                  test_loss, final['test_ppl'], final['best_val_ppl'])
     return final
