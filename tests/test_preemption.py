@@ -1,32 +1,106 @@
-"""Preemption through the CLI: SIGTERM mid-epoch saves at a step, exits by itself,
-and the run resumes to the uninterrupted run's numbers, on a local workdir and
-on a ``gs://`` one (a fake Cloud Storage server on 127.0.0.1)."""
+"""A workdir survives every kill point: through the CLI, a run killed (kill -9),
+preempted (SIGTERM) or interrupted (Ctrl-C) at each point where it writes
+resumes to the uninterrupted run's records, on a local workdir and on a
+``gs://`` one (a fake Cloud Storage server on 127.0.0.1).
+
+Each fault is injected at a chosen call in the run's own process (the
+``_FAULTY_MAIN`` wrapper patches the function it names), never by timing.
+One chain of runs walks every point: each run resumes from what the one
+before left and dies at the next point, so a resume after a resume is
+tested too.
+"""
 
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import orbax.checkpoint as ocp
 import pytest
 
 import fake_gcs
+from experiments.configs import ptb_lstm_small
 from selfish_jax.training import metrics as metrics_lib
+from selfish_jax.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'PYTHONPATH': ROOT}
+TIMING = ('ms_per_step', 'tokens_per_s', 'epoch_time_s', 'train_tokens_per_s')
 
 
-def _cli(workdir, data_dir, *overrides):
-  """The run's command; ``overrides`` (``--config.KEY=VALUE``) come last and win."""
-  return [sys.executable, '-m', 'experiments.main',
-          '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={workdir}',
-          '--config.dataset=text', f'--config.data_dir={data_dir}', '--config.download=False',
-          '--config.emsize=16', '--config.nhid=16', '--config.batch_size=4',
-          '--config.eval_batch_size=16', '--config.bptt=5', '--config.lr=5',
-          '--config.num_epochs=2', '--config.max_steps_per_epoch=100', '--config.log_every=5',
-          '--config.growth=gradient', *overrides]
+def _overrides(data_dir):
+  """A run of 2 epochs of 4 steps, a progress record every 3 steps (so a stop
+  at step 2 falls inside an interval), averaging switched on after epoch 1."""
+  return dict(dataset='text', data_dir=str(data_dir), download=False, emsize=16, nhid=16,
+              batch_size=4, eval_batch_size=16, bptt=5, lr=5.0, num_epochs=2,
+              max_steps_per_epoch=4, log_every=3, asgd_start_epoch=2, growth='gradient')
+
+
+def _cli(workdir, data_dir, python):
+  return [*python, '--config=experiments/configs/ptb_lstm_small.py', f'--workdir={workdir}',
+          *(f'--config.{k}={v}' for k, v in _overrides(data_dir).items())]
+
+
+# Runs experiments.main with the fault that $FAULT names, as POINT:ARGUMENT:
+#   after_record:KIND   kill -9 right after the first record of KIND is written
+#   during_record:KIND  kill -9 while the first record of KIND is written (on a
+#                       disk half its line is written; an upload is all or nothing)
+#   after:METHOD        kill -9 right after Checkpoints.METHOD returns
+#   during_checkpoint:  kill -9 when the first checkpoints/<step> is complete but not committed
+#   signal:NAME:STEP    the process sends itself SIGNAME after training step STEP
+#   test_signal:NAME    the process sends itself SIGNAME as the final test starts
+_FAULTY_MAIN = r'''
+import os, runpy, signal, sys
+point, argument, *more = os.environ['FAULT'].split(':')
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+from selfish_jax import storage
+from selfish_jax.training import checkpoint, metrics, preemption, train
+if point in ('after_record', 'during_record'):
+  write = metrics.MetricWriter.write
+  def faulty_write(self, record):
+    if record.get('kind') != argument:
+      return write(self, record)
+    if point == 'during_record':
+      if not storage.is_object_store(self.path):
+        with open(self.path, 'a') as f:
+          f.write(__import__('json').dumps(record)[:40])
+      die()
+    write(self, record)
+    die()
+  metrics.MetricWriter.write = faulty_write
+elif point == 'after':
+  method = getattr(checkpoint.Checkpoints, argument)
+  def faulty(self, *args, **kwargs):
+    method(self, *args, **kwargs)
+    die()
+  setattr(checkpoint.Checkpoints, argument, faulty)
+elif point == 'during_checkpoint':
+  from orbax.checkpoint._src.path import atomicity
+  def patch(cls):
+    finalize = cls.finalize
+    async def faulty_finalize(self, *args, **kwargs):
+      if self._final_path.parent.name == 'checkpoints':
+        die()
+      return await finalize(self, *args, **kwargs)
+    cls.finalize = faulty_finalize
+  patch(atomicity.AtomicRenameTemporaryPath)
+  patch(atomicity.CommitFileTemporaryPath)
+elif point == 'signal':
+  reached = preemption.StopWatch.reached
+  def signalled(self, step):
+    if step == int(more[0]):
+      os.kill(os.getpid(), getattr(signal, 'SIG' + argument))
+    return reached(self, step)
+  preemption.StopWatch.reached = signalled
+elif point == 'test_signal':
+  test = train.LanguageModelling.test
+  def signalled_test(self, weights):
+    os.kill(os.getpid(), getattr(signal, 'SIG' + argument))
+    return test(self, weights)
+  train.LanguageModelling.test = signalled_test
+sys.argv[0] = 'experiments.main'
+runpy.run_module('experiments.main', run_name='__main__', alter_sys=True)
+'''
 
 
 class _LocalDisk:
@@ -42,8 +116,14 @@ class _LocalDisk:
   def records(self, workdir):
     return metrics_lib.read_records(workdir)
 
-  def latest_checkpoint(self, workdir):
-    return ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).latest_step()
+  def text(self, workdir, name):
+    path = os.path.join(workdir, name)
+    return open(path).read() if os.path.exists(path) else None
+
+  def entries(self, workdir, folder):
+    """The committed steps of ``workdir/folder`` (checkpoints, best, switch)."""
+    path = os.path.join(workdir, folder)
+    return ocp.CheckpointManager(path).all_steps() if os.path.isdir(path) else []
 
 
 class _CloudStorage:
@@ -61,15 +141,16 @@ class _CloudStorage:
   def records(self, workdir):
     return self.gcs.metrics(self._object(workdir))
 
-  def checkpoint_objects(self, workdir):
-    folder = self._object(workdir) + '/checkpoints/'
-    return [name[len(folder):] for name in self.gcs.names(folder)]
+  def text(self, workdir, name):
+    return self.gcs.read(f'{self._object(workdir)}/{name}')
 
-  def latest_checkpoint(self, workdir):
+  def entries(self, workdir, folder):
     # On an object store orbax writes a step's folder (checkpoints/N/...) in
     # place and marks it complete with commit_success.txt, written last.
-    return max((int(name.split('/')[0]) for name in self.checkpoint_objects(workdir)
-                if name.endswith('/commit_success.txt')), default=None)
+    prefix = f'{self._object(workdir)}/{folder}/'
+    return sorted(int(name[len(prefix):].split('/')[0]) for name in self.gcs.names(prefix)
+                  if name.count('/') == prefix.count('/') + 1
+                  and name.endswith('/commit_success.txt'))
 
 
 @pytest.fixture(params=['local', 'gs'])
@@ -78,76 +159,72 @@ def storage(request, tmp_path):
       request.getfixturevalue('gcs'), tmp_path.name)
 
 
-def test_sigterm_saves_mid_epoch_exits_and_resumes_to_the_same_result(
-    storage, text_corpus_dir, tmp_path):
-  whole = subprocess.run(_cli(tmp_path / 'whole', text_corpus_dir), cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=600)
-  assert whole.returncode == 0, whole.stderr[-2000:]
-  expected = metrics_lib.final_record(str(tmp_path / 'whole'))['test_ppl']
+def _without_timing(records):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
-  workdir = storage.workdir('preempted')
+
+def test_every_kill_point_resumes_to_the_uninterrupted_records(storage, text_corpus_dir,
+                                                              tmp_path):
+  # The uninterrupted run, through the library on a local disk: the command
+  # line trains the library's run, faults or none.
+  config = ptb_lstm_small.get_config()
+  config.update(**_overrides(text_corpus_dir))
+  whole = tmp_path / 'whole'
+  train.train_and_evaluate(config, str(whole))
+  expected = _without_timing(metrics_lib.read_records(str(whole)))
+  assert [r['step'] for r in expected] == [3, 4, 4, 7, 8, 8, 8]  # train, epoch, ..., final
   env = {**ENV, **storage.env}
-  # stderr goes to a file: a pipe read only at the end could fill up and block the run.
-  log = tmp_path / 'preempted.log'
-  with open(log, 'w') as stderr_file:
-    process = subprocess.Popen(_cli(workdir, text_corpus_dir), cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=stderr_file)
-  deadline = time.time() + 300
-  while time.time() < deadline:  # into the second epoch (100 steps each)
-    if any(r.get('step', 0) > 110 for r in storage.records(workdir)):
-      break
-    time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
-  sent = time.time()
-  process.wait(timeout=60)  # exits by itself
-  assert time.time() - sent < 60
-  stderr = log.read_text()
-  assert process.returncode == 143, stderr[-2000:]
-  last = stderr.strip().splitlines()[-1]
-  assert last.startswith('preempted: the state of step ') and 'Traceback' not in stderr, last
-  saved = storage.latest_checkpoint(workdir)
-  assert 110 < saved < 200, saved  # a step inside epoch 2, not its end
-  assert f'step {saved} (epoch 2, window {saved - 100} of 100)' in last
 
-  resumed = subprocess.run(_cli(workdir, text_corpus_dir), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert f'at step {saved}' in resumed.stderr  # 'Resumed from ... at step N'
-  assert storage.records(workdir)[-1]['test_ppl'] == expected
+  workdir = storage.workdir('faulty')
+  log = tmp_path / 'faulty.log'
 
+  def run(fault):
+    # stderr goes to a file: a pipe read only at the end could fill up and block the run.
+    with open(log, 'w') as stderr:
+      finished = subprocess.run(_cli(workdir, text_corpus_dir, (sys.executable, '-c', _FAULTY_MAIN)),
+                                cwd=ROOT, env={**env, 'FAULT': fault},
+                                stdout=subprocess.DEVNULL, stderr=stderr, timeout=600)
+    return finished.returncode, log.read_text()
 
-def test_a_kill_during_an_upload_resumes_from_the_last_complete_checkpoint(
-    gcs, text_corpus_dir, tmp_path):
-  # Preemption without notice while a checkpoint is half uploaded to the bucket.
-  storage = _CloudStorage(gcs, tmp_path.name)
-  env = {**ENV, **gcs.env}
-  every_step = ('--config.max_steps_per_epoch=3', '--config.checkpoint_every_steps=1',
-                '--config.log_every=1')
-  whole = subprocess.run(_cli(storage.workdir('whole'), text_corpus_dir, *every_step), cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=600)
-  assert whole.returncode == 0, whole.stderr[-2000:]
+  # Killed after the first record, before any checkpoint: the rerun starts the
+  # records over instead of appending to them...
+  code, _ = run('after_record:train')
+  assert code == -signal.SIGKILL and len(storage.records(workdir)) == 1
+  # ...and is preempted inside the interval of steps 1-3: the state of step 2
+  # (its losses of the interval included) is saved, with one line.
+  code, stderr = run('signal:TERM:2')
+  assert code == 143, stderr[-2000:]
+  assert 'Start: ' in stderr and storage.records(workdir) == []
+  assert stderr.strip().splitlines()[-1] == (
+      f'preempted: the state of step 2 (epoch 1, window 2 of 4) is saved in {workdir}; run the '
+      'same command to resume')
+  assert 'Traceback' not in stderr
+  # Every point of epoch 1's end, which commits at the checkpoint of step 4:
+  # each rerun resumes from step 2 and drops what the last one wrote for step 4.
+  code, _ = run('after:save_best')
+  assert code == -signal.SIGKILL and storage.entries(workdir, 'best') == [4]
+  code, stderr = run('during_record:epoch')
+  assert code == -signal.SIGKILL and 'Discarding the best weights of step 4' in stderr
+  code, _ = run('after:save_switch')
+  assert code == -signal.SIGKILL and storage.entries(workdir, 'switch') == [4]
+  code, stderr = run('during_checkpoint:')
+  assert code == -signal.SIGKILL and 'Discarding the switch checkpoint of step 4' in stderr
+  assert storage.entries(workdir, 'checkpoints') == [2]
+  code, stderr = run('after:save_latest')
+  assert code == -signal.SIGKILL and 'at step 2 (epoch 1, window 2)' in stderr
+  assert storage.entries(workdir, 'checkpoints') == [2, 4]
+  # Ctrl-C in epoch 2 saves at the next step and says so...
+  code, stderr = run('signal:INT:6')
+  assert code == 130, stderr[-2000:]
+  assert 'at step 4 (epoch 2, window 0)' in stderr
+  assert stderr.strip().splitlines()[-1].startswith(
+      'interrupted: the state of step 6 (epoch 2, window 2 of 4) is saved in ')
+  # ...and SIGTERM during the final test lets the test finish: the run is complete.
+  code, stderr = run('test_signal:TERM')
+  assert code == 0, stderr[-2000:]
+  assert 'SIGTERM arrived after training; the test finished and the run is complete' in stderr
 
-  workdir = storage.workdir('killed')
-  process = subprocess.Popen(_cli(workdir, text_corpus_dir, *every_step), cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline:  # step 2's folder has objects, but no commit mark yet
-    objects = storage.checkpoint_objects(workdir)
-    if any(name.startswith('2/') for name in objects) and '2/commit_success.txt' not in objects:
-      break
-    assert process.poll() is None, 'the run ended before step 2 was caught mid-upload'
-    time.sleep(0.005)
-  process.kill()
-  process.wait()
-  saved = storage.latest_checkpoint(workdir)
-  assert saved == 1, storage.checkpoint_objects(workdir)  # step 2 is there, incomplete
-
-  resumed = subprocess.run(_cli(workdir, text_corpus_dir, *every_step), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert 'at step 1 ' in resumed.stderr  # 'Resumed from ... at step 1 (epoch 1, window 1)'
-  # Every record, the resumed part included, is the uninterrupted run's.
-  numbers = lambda run: [(r['step'], r.get('loss'), r.get('val_loss'), r.get('test_ppl'))
-                         for r in storage.records(run)]
-  assert numbers(workdir) == numbers(storage.workdir('whole'))
-  assert numbers(workdir)[-1][-1] is not None  # through the test
+  assert _without_timing(storage.records(workdir)) == expected
+  assert storage.entries(workdir, 'checkpoints') == [6, 8]
+  assert storage.entries(workdir, 'best')[-1] == _LocalDisk(tmp_path).entries(whole, 'best')[-1]
+  assert storage.text(workdir, 'lock') is None  # released at the end
