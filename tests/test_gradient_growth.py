@@ -81,3 +81,90 @@ def test_gradient_growth_resumes_to_identical_results(method, text_corpus_dir, t
               for r in metrics_lib.read_records(str(tmp_path / run), metrics_lib.EPOCH)]
              for run in ('whole', 'resumed')]
   assert records[0] == records[1] and len(records[0]) == 2
+
+
+def _sparse_scores(rows, cols, scored_rows, seed):
+  """Scores like one batch's embedding gradient: nonzero in ``scored_rows`` rows only."""
+  rng = np.random.default_rng(seed)
+  scores = np.zeros((rows, cols), np.float32)
+  scored = rng.choice(rows, scored_rows, replace=False)
+  scores[scored] = rng.normal(size=(scored_rows, cols)).astype(np.float32)
+  return scores
+
+
+def _check_ties_spread_uniformly(old_mask, new_mask, scores, removed, k):
+  """Every inactive entry with a nonzero score was grown before any tie, and the
+  regrowth decided among the zero scores lands in each quarter of the rows as a
+  uniform draw would (within 4 standard deviations of the hypergeometric)."""
+  old_mask, new_mask = np.asarray(old_mask), np.asarray(new_mask)
+  survivors = old_mask & ~removed
+  grown = new_mask & ~survivors
+  assert grown.sum() == k  # counts exact
+  free = ~survivors
+  assert np.all(grown[free & (scores != 0)])  # nonzero scores win first
+  tie_pool = free & (scores == 0)
+  tied = grown & tie_pool
+  n, pool = int(tied.sum()), int(tie_pool.sum())
+  assert 0 < n < pool
+  quarters = np.array_split(np.arange(scores.shape[0]), 4)
+  for rows in quarters:
+    share_of_pool = tie_pool[rows].sum() / pool
+    sd = np.sqrt(n * share_of_pool * (1 - share_of_pool) * (pool - n) / (pool - 1)) / n
+    assert abs(tied[rows].sum() / n - share_of_pool) < 4 * sd, (tied[rows].sum() / n,
+                                                                share_of_pool, sd)
+
+
+@pytest.mark.parametrize('rows', [400, 2000])  # 8,000 entries: sorted; 40,000: counting search
+@pytest.mark.parametrize('growth', ['gradient', 'momentum'])
+def test_growth_breaks_ties_among_zero_scores_uniformly(rows, growth):
+  from selfish_jax import sparsity
+  from selfish_jax.sparsity import select, topology
+  cols = 20
+  assert (rows * cols < select.SORT_BELOW) == (rows == 400)
+  scores = _sparse_scores(rows, cols, rows // 25, seed=rows)
+  rng = np.random.default_rng(1)
+  weights = rng.normal(size=(rows, cols)).astype(np.float32)
+  mask = np.zeros(rows * cols, bool)
+  mask[rng.choice(rows * cols, rows * cols * 3 // 10, replace=False)] = True
+  mask = mask.reshape(rows, cols)
+  params, masks = {'w': jax.numpy.asarray(weights * mask)}, {'w': jax.numpy.asarray(mask)}
+  k = int(np.ceil(0.8 * mask.sum()))
+  new_params, new_masks = sparsity.update_topology(
+      params, masks, jax.random.key(7), 0.8, growth=growth, scores={'w': scores})
+  removed = np.asarray(select.smallest_magnitudes(params['w'], masks['w'], k))
+  _check_ties_spread_uniformly(mask, new_masks['w'], scores, removed, k)
+  # The order before 2026-12-06, kept under its name: every tie to the first rows.
+  _, positional = sparsity.update_topology(params, masks, jax.random.key(7), 0.8, growth=growth,
+                                           scores={'w': scores}, ties='lowest_position')
+  tied = np.asarray(positional['w']) & ~(mask & ~removed) & (scores == 0)
+  assert tied[rows // 4:].sum() == 0
+  # A different key, a different draw; the same key, the same (a resume repeats it).
+  _, other = sparsity.update_topology(params, masks, jax.random.key(8), 0.8, growth=growth,
+                                      scores={'w': scores})
+  _, again = sparsity.update_topology(params, masks, jax.random.key(7), 0.8, growth=growth,
+                                      scores={'w': scores})
+  assert not np.array_equal(other['w'], new_masks['w'])
+  np.testing.assert_array_equal(again['w'], new_masks['w'])
+
+
+def test_snfs_budget_path_breaks_ties_uniformly():
+  from selfish_jax.sparsity import methods, select
+  rng = np.random.default_rng(3)
+  shapes = {'embedding': (2000, 20), 'kernel': (300, 40)}
+  scores = {'embedding': _sparse_scores(2000, 20, 80, seed=4),
+            'kernel': _sparse_scores(300, 40, 12, seed=5)}
+  masks, params = {}, {}
+  for name, shape in shapes.items():
+    m = np.zeros(np.prod(shape), bool)
+    m[rng.choice(m.size, m.size * 3 // 10, replace=False)] = True
+    masks[name] = jax.numpy.asarray(m.reshape(shape))
+    params[name] = jax.numpy.asarray(rng.normal(size=shape).astype(np.float32) * m.reshape(shape))
+  snfs = methods.make_method('snfs', density=0.3, death_rate=0.8, total_steps=10)
+  _, new_masks, _ = snfs.update(params, masks, {}, jax.random.key(11), 0, scores)
+  total_before = sum(int(np.sum(m)) for m in masks.values())
+  assert sum(int(np.sum(m)) for m in new_masks.values()) == total_before  # total exact
+  name = 'embedding'
+  k_removed = int(np.ceil(0.8 * np.sum(masks[name])))
+  removed = np.asarray(select.smallest_magnitudes(params[name], masks[name], k_removed))
+  grown = int(np.sum(np.asarray(new_masks[name]) & ~(np.asarray(masks[name]) & ~removed)))
+  _check_ties_spread_uniformly(masks[name], new_masks[name], scores[name], removed, grown)

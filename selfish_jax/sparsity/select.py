@@ -314,10 +314,10 @@ def _bracket_kth(keys: _LazyKeys, k: jax.Array, eligible_count: jax.Array,
   return bracket
 
 
-def _kth_in_bracket(keys: _LazyKeys, k: jax.Array, bracket: _Bracket
+def _kth_in_bracket(keys: _LazyKeys, k: jax.Array, bracket: _Bracket, tie_order: TieOrder
                     ) -> tuple[jax.Array, jax.Array]:
-  """``(key, position)`` of the k-th smallest pair when the bracket holds at
-  most ``_FINISH_KEYS`` keys: only the rows holding them are gathered and sorted."""
+  """``(key, tie)`` of the k-th smallest pair when the bracket holds at most
+  ``_FINISH_KEYS`` keys: only the rows holding them are gathered and sorted."""
   upto_hi_rows = jax.lax.cond(
       bracket.hi_rows_known, lambda: bracket.upto_hi_rows,
       lambda: _counts_at_most(keys.rows(), jnp.stack([bracket.hi, bracket.hi]))[1][0])
@@ -330,20 +330,20 @@ def _kth_in_bracket(keys: _LazyKeys, k: jax.Array, bracket: _Bracket
   (entry,) = jnp.nonzero(inside.ravel(), size=_FINISH_KEYS, fill_value=0)
   real_entry = jnp.arange(_FINISH_KEYS) < bracket.inside
   never = jnp.uint32(_UINT32_MAX)
-  sorted_keys, sorted_positions = jax.lax.sort(
+  sorted_keys, sorted_ties = jax.lax.sort(
       (jnp.where(real_entry, row_keys.ravel()[entry], never),
-       jnp.where(real_entry, row_positions.ravel()[entry], never)), num_keys=2)
+       jnp.where(real_entry, tie_order(row_positions.ravel()[entry]), never)), num_keys=2)
   rank = k - bracket.below_lo - 1
-  return sorted_keys[rank], sorted_positions[rank]
+  return sorted_keys[rank], sorted_ties[rank]
 
 
 def _kth_smallest(keys: _LazyKeys, key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
-                  eligible_count: jax.Array, key_space: str, distinct: bool = False
-                  ) -> tuple[jax.Array, jax.Array]:
-  """``(key, position)`` such that exactly ``k`` entries have ``(key, position)``
+                  eligible_count: jax.Array, key_space: str, tie_order: TieOrder,
+                  distinct: bool = False) -> tuple[jax.Array, jax.Array]:
+  """``(key, tie)`` such that exactly ``k`` entries have ``(key, tie_order(position))``
   at most it in lexicographic order (see :class:`Cut`).
 
-  ``distinct`` promises that eligible keys never tie (a search over positions).
+  ``distinct`` promises that eligible keys never tie (a search over tie orders).
   """
   bracket = _bracket_kth(keys, k, eligible_count, key_space)
   never = jnp.uint32(_UINT32_MAX)
@@ -351,35 +351,59 @@ def _kth_smallest(keys: _LazyKeys, key_fn: KeyFn, inputs: tuple[jax.Array, ...],
     tied = lambda: (bracket.hi, never)  # lo == hi with distinct keys: a single key
   else:
     def tied():
-      # More than _FINISH_KEYS entries share the key: find the position of the
-      # last tie to take by the same search over the ties' (distinct) positions.
+      # More than _FINISH_KEYS entries share the key: find the tie order of the
+      # last tie to take by the same search over the ties' (distinct) orders.
       lo = bracket.lo
-      tie_fn = lambda pos, *xs: jnp.where(key_fn(pos, *xs) == lo, pos, never)
+      tie_fn = lambda pos, *xs: jnp.where(key_fn(pos, *xs) == lo, tie_order(pos), never)
       ties = _LazyKeys(tie_fn, inputs)
-      position, _ = _kth_smallest(ties, tie_fn, inputs, k - bracket.below_lo, bracket.inside,
-                                  'uniform', distinct=True)
-      return lo, position
+      tie, _ = _kth_smallest(ties, tie_fn, inputs, k - bracket.below_lo, bracket.inside,
+                             tie_order.key_space, tie_order, distinct=True)
+      return lo, tie
 
   return jax.lax.cond(
       bracket.upto_hi == k, lambda: (bracket.hi, never),
       lambda: jax.lax.cond(bracket.inside <= _FINISH_KEYS,
-                           lambda: _kth_in_bracket(keys, k, bracket), tied))
+                           lambda: _kth_in_bracket(keys, k, bracket, tie_order), tied))
 
 
 class Cut(NamedTuple):
-  """A selection as a threshold: entries whose ``(key, position)`` is at most
-  ``(key, position)`` in lexicographic order are chosen (none if not ``any``).
+  """A selection as a threshold: entries whose ``(key, tie)`` is at most
+  ``(key, tie)`` in lexicographic order are chosen (none if not ``any``).
 
-  Ties on the key go to the lowest flat positions. Evaluating :meth:`chosen`
-  is elementwise, so XLA fuses it into whatever uses the selection instead of
-  materialising a mask.
+  ``tie`` is an entry's place in the :class:`TieOrder` among equal keys.
+  Evaluating :meth:`chosen` is elementwise, so XLA fuses it into whatever uses
+  the selection instead of materialising a mask.
   """
   key: jax.Array
-  position: jax.Array
+  tie: jax.Array
   any: jax.Array
 
-  def chosen(self, keys: jax.Array, positions: jax.Array) -> jax.Array:
-    return self.any & ((keys < self.key) | ((keys == self.key) & (positions <= self.position)))
+  def chosen(self, keys: jax.Array, ties: jax.Array) -> jax.Array:
+    return self.any & ((keys < self.key) | ((keys == self.key) & (ties <= self.tie)))
+
+
+class TieOrder:
+  """Which of equal keys a selection takes first: a distinct uint32 per flat
+  position, smallest first. :func:`lowest_positions` (the flat positions
+  themselves) or :func:`random_ties` (a random permutation drawn from a key)."""
+
+  def __init__(self, fn: Callable[[jax.Array], jax.Array], key_space: str):
+    self._fn, self.key_space = fn, key_space
+
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    return self._fn(positions)
+
+
+def lowest_positions() -> TieOrder:
+  """Ties go to the lowest flat positions (deterministic; biased towards the first rows)."""
+  return TieOrder(lambda positions: positions, 'uniform')
+
+
+def random_ties(key: jax.Array) -> TieOrder:
+  """Ties go in a uniformly random order drawn from ``key`` (a keyed bijective
+  hash of the position, like :func:`random_keys`)."""
+  seeds = jax.random.bits(key, (2,), jnp.uint32)
+  return TieOrder(lambda positions: _hash(positions, seeds), 'hashed')
 
 
 def positions(shape: tuple[int, ...]) -> jax.Array:
@@ -388,7 +412,8 @@ def positions(shape: tuple[int, ...]) -> jax.Array:
 
 
 def smallest_cut(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
-                 eligible_count: jax.Array | None = None, key_space: str = 'uniform') -> Cut:
+                 eligible_count: jax.Array | None = None, key_space: str = 'uniform',
+                 tie_order: TieOrder | None = None) -> Cut:
   """The :class:`Cut` choosing exactly ``min(k, eligible)`` entries with the smallest keys.
 
   ``key_fn(positions, *inputs)`` maps flat uint32 positions and the inputs'
@@ -397,7 +422,9 @@ def smallest_cut(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
   counting pass, so it must be cheap. ``k`` may be traced: nothing recompiles
   as it changes. ``eligible_count``, if known, saves one pass. ``key_space``
   (one of :data:`KEY_SPACES`) only steers the search's guesses, never the result.
+  ``tie_order`` decides among equal keys (default: :func:`lowest_positions`).
   """
+  tie_order = tie_order or lowest_positions()
   if key_space not in KEY_SPACES:
     raise ValueError(f'unknown key space {key_space!r}; expected one of {KEY_SPACES}')
   keys = _LazyKeys(key_fn, inputs)
@@ -406,7 +433,8 @@ def smallest_cut(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
   eligible_count = jnp.asarray(eligible_count, jnp.int32)
   k = jnp.minimum(jnp.asarray(k, jnp.int32), eligible_count)
   threshold, position = jax.lax.cond(
-      k > 0, lambda: _kth_smallest(keys, key_fn, inputs, k, eligible_count, key_space),
+      k > 0, lambda: _kth_smallest(keys, key_fn, inputs, k, eligible_count, key_space,
+                                   tie_order),
       lambda: (jnp.uint32(0), jnp.uint32(0)))
   return Cut(threshold, position, k > 0)
 
@@ -420,22 +448,24 @@ SORT_BELOW = 1 << 14
 
 def smallest_by(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
                 eligible_count: jax.Array | None = None, key_space: str = 'uniform',
-                sort_below: int = SORT_BELOW) -> jax.Array:
+                sort_below: int = SORT_BELOW, tie_order: TieOrder | None = None) -> jax.Array:
   """Boolean mask of the entries :func:`smallest_cut` chooses.
 
-  Arrays of fewer than ``sort_below`` entries are ranked by a stable argsort of
-  their keys instead (the same choice: ties go to the lowest positions).
+  Arrays of fewer than ``sort_below`` entries are ranked by sorting their
+  ``(key, tie)`` pairs instead (the same choice).
   """
+  tie_order = tie_order or lowest_positions()
   shape = inputs[0].shape
   where = positions(shape)
   if math.prod(shape) < sort_below:
     keys = key_fn(where, *inputs).ravel()
     count = jnp.minimum(jnp.asarray(k, jnp.int32), count_true(keys != jnp.uint32(_UINT32_MAX)))
     ranked_first = jnp.arange(keys.size) < count
-    chosen = jnp.zeros(keys.shape, bool).at[jnp.argsort(keys, stable=True)].set(ranked_first)
+    *_, order = jax.lax.sort((keys, tie_order(where.ravel()), jnp.arange(keys.size)), num_keys=2)
+    chosen = jnp.zeros(keys.shape, bool).at[order].set(ranked_first)
     return chosen.reshape(shape)
-  cut = smallest_cut(key_fn, inputs, k, eligible_count, key_space)
-  return cut.chosen(key_fn(where, *inputs), where)
+  cut = smallest_cut(key_fn, inputs, k, eligible_count, key_space, tie_order)
+  return cut.chosen(key_fn(where, *inputs), tie_order(where))
 
 
 # The public selections below are jitted: inside a training program each is
@@ -505,11 +535,18 @@ def smallest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
 @functools.partial(jax.jit, static_argnames=('sort_below', 'complement'))
 def largest_magnitudes(values: jax.Array, eligible: jax.Array, k: jax.Array,
                        eligible_count: jax.Array | None = None,
-                       sort_below: int = SORT_BELOW, *, complement: bool = False) -> jax.Array:
+                       sort_below: int = SORT_BELOW, *, complement: bool = False,
+                       tie_key: jax.Array | None = None) -> jax.Array:
   """The ``k`` eligible entries with the largest ``|values|``; with ``complement``
-  the eligible entries are those whose ``eligible`` is False (see :func:`among_false`)."""
+  the eligible entries are those whose ``eligible`` is False (see :func:`among_false`).
+
+  Equal magnitudes (a gradient that is zero in most rows) go in a random order
+  drawn from ``tie_key``, or to the lowest positions without one.
+  """
   key_fn = among_false(largest_magnitude_keys) if complement else largest_magnitude_keys
-  return smallest_by(key_fn, (values, eligible), k, eligible_count, 'inverted_float', sort_below)
+  ties = lowest_positions() if tie_key is None else random_ties(tie_key)
+  return smallest_by(key_fn, (values, eligible), k, eligible_count, 'inverted_float', sort_below,
+                     ties)
 
 
 @functools.partial(jax.jit, static_argnames=('sort_below', 'complement'))

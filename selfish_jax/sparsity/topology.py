@@ -23,6 +23,10 @@ PyTree = Any
 
 GROWTH_MODES = ('random', 'gradient', 'momentum')
 REMOVAL_MODES = ('magnitude', 'set')
+# How growth by score (gradient, momentum) orders equal scores: a random order
+# from the update's key, or the lowest positions first (what runs before
+# 2026-12-06 did; it fills an embedding's first rows, the most frequent words).
+GROWTH_TIES = ('random', 'lowest_position')
 
 
 def death_rate_schedule(initial: float, decay_steps: int, final: float = 0.005) -> optax.Schedule:
@@ -80,15 +84,27 @@ def keep_weights(weights: jax.Array, old_mask: jax.Array, new_mask: jax.Array) -
   return jnp.where(old_mask & new_mask, weights, jnp.zeros_like(weights))
 
 
-@functools.partial(jax.jit, static_argnames='removal')
+def grow_by_score(scores: jax.Array, survivors: jax.Array, count: jax.Array, free: jax.Array,
+                  key: jax.Array, ties: str = 'random') -> jax.Array:
+  """The ``count`` positions the ``survivors`` leave free (``free`` of them)
+  with the largest ``|scores|``, equal scores in the order ``ties`` names
+  (:data:`GROWTH_TIES`; ``'random'`` draws it from ``key``)."""
+  if ties not in GROWTH_TIES:
+    raise ConfigError(f'unknown growth_ties {ties!r}; expected one of {GROWTH_TIES}')
+  return select.largest_magnitudes(scores, survivors, count, free, complement=True,
+                                   tie_key=key if ties == 'random' else None)
+
+
+@functools.partial(jax.jit, static_argnames=('removal', 'ties'))
 def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate: jax.Array,
-                scores: jax.Array | None = None, removal: str = 'magnitude'
-                ) -> tuple[jax.Array, jax.Array]:
+                scores: jax.Array | None = None, removal: str = 'magnitude',
+                ties: str = 'random') -> tuple[jax.Array, jax.Array]:
   """Prunes and regrows one matrix; returns ``(weights, mask)``.
 
   Regrowth chooses among all positions inactive after removal (the just-removed
   ones included, as in the reference and RigL); see :func:`keep_weights` for
-  the values. Selections stay thresholds
+  the values. Growth by ``scores`` orders equal scores as ``ties`` says
+  (see :func:`grow_by_score`). Selections stay thresholds
   (:class:`~selfish_jax.sparsity.select.Cut`) that the new mask and weights are
   computed from elementwise.
   """
@@ -101,14 +117,14 @@ def update_leaf(weights: jax.Array, mask: jax.Array, key: jax.Array, death_rate:
   if scores is None:
     grown = select.random_subset(key, survivors, count, free, complement=True)
   else:
-    grown = select.largest_magnitudes(scores, survivors, count, free, complement=True)
+    grown = grow_by_score(scores, survivors, count, free, key, ties)
   new_mask = survivors | grown
   return keep_weights(weights, mask, new_mask), new_mask
 
 
 def update_topology(params: PyTree, masks: Masks, key: jax.Array, death_rate: jax.Array, *,
                     growth: str = 'random', scores: PyTree | None = None,
-                    removal: str = 'magnitude') -> tuple[PyTree, Masks]:
+                    removal: str = 'magnitude', ties: str = 'random') -> tuple[PyTree, Masks]:
   """One topology update of every masked leaf.
 
   Args:
@@ -120,6 +136,9 @@ def update_topology(params: PyTree, masks: Masks, key: jax.Array, death_rate: ja
       ``|scores|`` is largest (dense gradients for RigL, momentum for SNFS).
     scores: pytree like ``params``; required unless ``growth == 'random'``.
     removal: ``'magnitude'`` or ``'set'``.
+    ties: how growth by scores orders equal scores (:data:`GROWTH_TIES`): a
+      gradient that is zero in most rows (an embedding's, after one batch)
+      leaves most of the regrowth to this order.
 
   Returns:
     ``(params, masks)`` with every leaf's active count unchanged.
@@ -137,7 +156,7 @@ def update_topology(params: PyTree, masks: Masks, key: jax.Array, death_rate: ja
       new_params.append(p)
       new_masks.append(None)
       continue
-    p, m = update_leaf(p, m, leaf_key, death_rate, s, removal)
+    p, m = update_leaf(p, m, leaf_key, death_rate, s, removal, ties)
     new_params.append(p)
     new_masks.append(m)
   return (jax.tree_util.tree_unflatten(treedef, new_params),
