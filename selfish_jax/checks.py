@@ -12,7 +12,7 @@ from selfish_jax.errors import ConfigError
 
 def check_choice(config: Mapping, key: str, choices: Iterable) -> None:
   if config[key] not in choices:
-    raise ConfigError(f'unknown {key} {config[key]!r}; expected one of {choices}')
+    raise ConfigError(f'unknown {key} {config[key]!r}; expected one of {tuple(choices)}')
 
 
 def check_int(config: Mapping, key: str, minimum: int = 1) -> None:

@@ -22,6 +22,7 @@ OPTIMIZERS = optim.OPTIMIZERS
 DATASETS = (*corpus.KNOWN_CORPORA, corpus.TEXT_DIRECTORY)
 SPARSE_INITS = masks.SPARSE_INITS
 GROWTH_MODES = topology.GROWTH_MODES
+GROWTH_TIES = topology.GROWTH_TIES
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 MATMUL_PRECISIONS = ('highest', 'high', 'default')
 
@@ -51,6 +52,9 @@ def add_sparsity_keys(c: ml_collections.ConfigDict) -> None:
   c.death_rate = 0.8
   c.death_rate_final = 0.005
   c.growth = 'random'  # selfish only: random | gradient (RigL-style) | momentum (SNFS-style)
+  # Growth by scores (gradient, momentum: selfish, rigl, snfs): equal scores in a random
+  # order from the update's key, or 'lowest_position' first (runs before 2026-12-06).
+  c.growth_ties = 'random'
   c.update_every = 100  # rigl, gmp: topology steps between updates (the others: every epoch)
   c.update_end_fraction = 0.75  # rigl, gmp: no updates after this fraction of training
 
@@ -152,12 +156,14 @@ def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
   check_choice(config, 'method', METHODS)
   check_choice(config, 'sparse_init', SPARSE_INITS)
   check_choice(config, 'growth', GROWTH_MODES)
+  check_choice(config, 'growth_ties', GROWTH_TIES)
   check_choice(config, 'optimizer', OPTIMIZERS)
   method = methods.make_method(config.method, density=config.density, growth=config.growth,
                                total_steps=1)
-  if method.scores == 'momentum' and config.optimizer not in ('momentum', 'adam'):
-    raise ConfigError(f'method {config.method!r} with growth from momentum needs '
-                      f"optimizer 'momentum' or 'adam', not {config.optimizer!r}")
+  if method.grows_by == 'momentum' and not optim.OPTIMIZERS[config.optimizer].first_moment:
+    with_moment = tuple(n for n, entry in optim.OPTIMIZERS.items() if entry.first_moment)
+    raise ConfigError(f'method {config.method!r} with growth from momentum needs an optimizer '
+                      f'with a first moment (one of {with_moment}), not {config.optimizer!r}')
   if not (isinstance(config.density, (int, float)) and 0.0 < config.density <= 1.0):
     raise ConfigError(f'density must be in (0, 1], got {config.density!r}')
   for key in ('death_rate', 'death_rate_final'):

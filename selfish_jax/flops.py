@@ -1,10 +1,9 @@
 """Training FLOPs per method, counted like RigL's tables.
 
 Only the weight products count: each active weight of a matrix used once per
-token costs 2 FLOPs forward (the embedding is a lookup: 0). A training step is
-forward + backward = 3x forward for a sparse step; a step that needs the dense
-weight gradient (RigL's update steps, SNFS's momentum every step) costs
-``2 f_S + f_D``. GMP trains at its scheduled density, averaged over the run.
+token costs 2 FLOPs forward (the embedding is a lookup: 0). How a method's
+steps combine sparse and dense work is its own FLOPs rule
+(:attr:`selfish_jax.sparsity.methods.Method.flops`, set by its registry entry).
 """
 
 from __future__ import annotations
@@ -42,18 +41,4 @@ def forward_flops_per_token(params: PyTree, masks: PyTree,
 def train_flops_relative(method: methods_lib.Method, sparse_forward: float, dense_forward: float,
                          total_steps: int) -> float:
   """Training FLOPs of ``method`` over the run, relative to dense training."""
-  dense_step = 3.0 * dense_forward
-  if not method.sparse:
-    return 1.0
-  sparse_step = 3.0 * sparse_forward
-  dense_gradient_step = 2.0 * sparse_forward + dense_forward
-  if method.scores == 'momentum':  # SNFS, Selfish with momentum growth: every step
-    return dense_gradient_step / dense_step
-  if method.density_schedule is not None:  # GMP: the cost follows the scheduled density
-    densities = np.asarray(method.density_schedule(np.arange(total_steps)))
-    return float(np.mean(densities))
-  if method.every_steps and method.scores == 'gradient':  # RigL
-    updates = method.last_step // method.every_steps
-    cost = (total_steps - updates) * sparse_step + updates * dense_gradient_step
-    return cost / total_steps / dense_step
-  return sparse_step / dense_step
+  return method.training_flops(sparse_forward, dense_forward, total_steps)

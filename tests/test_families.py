@@ -433,7 +433,7 @@ def test_every_family_trains_with_every_method_and_optimizer(model, method, opti
   if method_.update is None:  # static
     return
   scores = core.growth_scores(state)  # the last step's gradient, or momentum
-  assert (scores is None) == (method_.scores is None)
+  assert (scores is None) == (method_.grows_by is None)
   params, masks, _ = jax.jit(method_.update)(state.params, state.masks, state.method_state,
                                              jax.random.key(5), jnp.int32(4), scores)
   after = sparsity.active_counts(masks)

@@ -45,7 +45,7 @@ def test_per_matrix_methods_keep_every_count(name):
   update = jax.jit(method.update)
   for step in (10, 20, 30):
     params, masks, _ = update(params, masks, method.initial_state, jax.random.key(step), step,
-                              scores if method.scores else None)
+                              scores if method.grows_by else None)
     assert {k: _count(masks[k]) for k in ('a', 'b')} == before
     assert masks['bias'] is None
 
