@@ -161,7 +161,7 @@ def _time_topology_update(config, params, masks) -> dict:
     chained.append(time.perf_counter() - start)
   return {'topology_update_s': float(np.median(fresh[1:])),
           'topology_update_after_update_s': float(np.median(chained[1:])),
-          'density_after_topology_updates': sparsity.overall_density(updated_masks)}
+          'density_after_topology_updates': float(sparsity.overall_density(updated_masks))}
 
 
 def benchmark(config, parts=PARTS) -> dict:

@@ -70,13 +70,15 @@ _CELL_LOGS = flags.DEFINE_bool(
     'cell_logs', False, "Also show each cell's training lines in the terminal (they are always "
     'in WORKDIR/<cell>/train.log); by default the terminal shows where the sweep stands.')
 _DISTRIBUTED = cli.DistributedFlags()
-_LRS = flags.DEFINE_list('lrs', ['momentum:2.0', 'adam:0.002'],
-                         'Learning rates per optimizer (others use --config.lr).')
+_LRS = flags.DEFINE_list(
+    'lrs', [f'{name}:{entry.sweep_lr}' for name, entry in optim.OPTIMIZERS.items()
+            if entry.sweep_lr is not None],
+    'Learning rates per optimizer (others use --config.lr).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 # Optimizers whose SGD phase carries no state: a run of one can continue another's.
-FORKABLE_OPTIMIZERS = ('snt_asgd', 'asgd', 'sgd')
+FORKABLE_OPTIMIZERS = tuple(name for name, entry in optim.OPTIMIZERS.items() if entry.sgd_phase)
 
 
 def check_forkable(source: str, source_config: dict, config) -> None:
@@ -131,8 +133,10 @@ def run_name(method: str, optimizer: str, seed: int) -> str:
 
 def cell_config(base, method: str, optimizer: str, seed: int, lrs: dict):
   config = base.copy_and_resolve_references()
-  if method == 'snfs' and optimizer in ('sgd', 'snt_asgd'):
-    optimizer = 'momentum'
+  grows_by_momentum = methods_lib.make_method(method, density=base.density, growth=base.growth,
+                                              total_steps=1).grows_by == 'momentum'
+  if grows_by_momentum and not optim.OPTIMIZERS[optimizer].first_moment:
+    optimizer = 'momentum'  # as SNFS's paper runs it with SGD
   config.update(method=method, optimizer=optimizer, seed=seed,
                 lr=lrs.get(optimizer, base.lr))
   return config

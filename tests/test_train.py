@@ -172,7 +172,7 @@ def test_bad_config_values_are_named(tiny_config, tmp_path, key, value, message)
 def test_snfs_without_momentum_is_refused(tiny_config, tmp_path):
   from selfish_jax.errors import ConfigError
   tiny_config.update(method='snfs', optimizer='sgd')
-  with pytest.raises(ConfigError, match="needs optimizer 'momentum' or 'adam'"):
+  with pytest.raises(ConfigError, match=r"needs an optimizer with a first moment \(one of \('momentum', 'adam'\)\), not 'sgd'"):
     train.train_and_evaluate(tiny_config, str(tmp_path))
 
 

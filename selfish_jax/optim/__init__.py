@@ -1,25 +1,28 @@
-"""Optimizers: SNT-ASGD and the others as composable optax transforms.
+"""Optimizers: SNT-ASGD and any optax optimizer made sparse.
 
-One transform per file: ``remask`` (the last stage: inactive weights zero),
-``averaging`` (SNT-ASGD's sparse averaging, the dense ablation, and queries on
-their state), ``lr_factor`` (variable BPTT's per-step factor), ``chain`` (the
-one chain every optimizer is), ``snt_asgd`` and ``optimizers`` (the named
-optimizers), ``inactive_state`` (moments zeroed at inactive weights).
+:func:`sparsify` is the entry point: it makes any optax optimizer sparse
+(moments zeroed at inactive weights, updates re-masked, or SNT-ASGD's sparse
+averaging). ``snt_asgd``, ``asgd`` and ``sgd`` are it over SGD;
+:func:`make_optimizer` builds the named ones of :data:`OPTIMIZERS`. The last
+stages (``remask``, ``sparse_averaging``, ``dense_averaging``) and the queries
+on the averaging state live one per file.
 """
 
 from selfish_jax.optim.averaging import (DenseAveragingState, SparseAveragingState,
                                          averaged_params, can_average, dense_averaging,
                                          is_averaging, restart_averaging, sparse_averaging,
                                          start_averaging)
-from selfish_jax.optim.chain import FIRST_MOMENT, clip_and_decay, sparse_sgd_chain
-from selfish_jax.optim.inactive_state import zero_inactive_state
+from selfish_jax.optim.chain import clip_and_decay, sgd_steps
 from selfish_jax.optim.lr_factor import scale_by_lr_factor
-from selfish_jax.optim.optimizers import OPTIMIZERS, first_moment, make_optimizer
+from selfish_jax.optim.optimizers import (FIRST_MOMENT_FIELDS, OPTIMIZERS, OptimizerEntry,
+                                          first_moment, make_optimizer, optimizer_entry)
 from selfish_jax.optim.remask import mask_updates, remask
 from selfish_jax.optim.snt_asgd import asgd, sgd, snt_asgd
+from selfish_jax.optim.sparsify import SparseState, set_masks, sparsify
 
-__all__ = ['DenseAveragingState', 'SparseAveragingState', 'averaged_params', 'can_average',
-           'dense_averaging', 'is_averaging', 'restart_averaging', 'sparse_averaging',
-           'start_averaging', 'FIRST_MOMENT', 'clip_and_decay', 'sparse_sgd_chain',
-           'zero_inactive_state', 'scale_by_lr_factor', 'OPTIMIZERS', 'first_moment',
-           'make_optimizer', 'mask_updates', 'remask', 'asgd', 'sgd', 'snt_asgd']
+__all__ = ['DenseAveragingState', 'FIRST_MOMENT_FIELDS', 'OPTIMIZERS', 'OptimizerEntry',
+           'SparseAveragingState', 'SparseState', 'asgd', 'averaged_params', 'can_average',
+           'clip_and_decay', 'dense_averaging', 'first_moment', 'is_averaging', 'make_optimizer',
+           'mask_updates', 'optimizer_entry', 'remask', 'restart_averaging', 'scale_by_lr_factor',
+           'set_masks', 'sgd', 'sgd_steps', 'snt_asgd', 'sparse_averaging', 'sparsify',
+           'start_averaging']

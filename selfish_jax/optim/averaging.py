@@ -184,4 +184,7 @@ def averaged_params(opt_state: optax.OptState, params: PyTree,
   averages = state.averages
   if masks is not None:
     averages = map_with_masks(lambda a, m: a if m is None else jnp.where(m, a, 0), averages, masks)
-  return jax.tree.map(lambda a, p: jnp.where(state.averaging, a, p), averages, params)
+  # A leaf another group of optax.partition owns (MaskedNode) is not averaged.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return jax.tree.map(lambda a, p: p if masked(a) else jnp.where(state.averaging, a, p),
+                      averages, params, is_leaf=masked)

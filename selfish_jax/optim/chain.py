@@ -1,13 +1,11 @@
-"""The one chain every optimizer here is: clip, decay, [moment], lr factor, lr, last stage."""
+"""The steps every optimizer here takes before :func:`~selfish_jax.optim.sparsify`'s
+last stage: clip, decay, [moment], lr factor, learning rate."""
 
 from __future__ import annotations
 
 import optax
 
 from selfish_jax.optim.lr_factor import scale_by_lr_factor
-
-# The stage of a chain's state that holds the first moment (momentum, Adam's mu).
-FIRST_MOMENT = 'first_moment'
 
 
 def clip_and_decay(clip_norm: float | None, weight_decay: float) -> optax.GradientTransformation:
@@ -18,19 +16,15 @@ def clip_and_decay(clip_norm: float | None, weight_decay: float) -> optax.Gradie
   return optax.chain(*parts, optax.add_decayed_weights(weight_decay))
 
 
-def sparse_sgd_chain(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float,
-                     clip_norm: float | None, last: optax.GradientTransformation,
-                     first_moment: optax.GradientTransformation | None = None
-                     ) -> optax.GradientTransformationExtraArgs:
-  """``clip_and_decay``, then ``first_moment`` if given, the step's ``lr_factor``,
-  the learning rate, and ``last`` (re-masking, or averaging, which masks too).
-
-  A named chain: ``state[FIRST_MOMENT]`` is the moment's state, ``state['last']``
-  the last stage's, so a reader of the state names the stage it means.
-  """
-  stages = [('clip_and_decay', clip_and_decay(clip_norm, weight_decay))]
-  if first_moment is not None:
-    stages.append((FIRST_MOMENT, first_moment))
-  stages += [('lr_factor', scale_by_lr_factor()),
-             ('learning_rate', optax.scale_by_learning_rate(learning_rate)), ('last', last)]
-  return optax.named_chain(*stages)
+def sgd_steps(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float,
+              clip_norm: float | None, moment: optax.GradientTransformation | None = None
+              ) -> optax.GradientTransformationExtraArgs:
+  """``clip_and_decay``, then ``moment`` if given (``optax.trace``,
+  ``optax.scale_by_adam``), the step's ``lr_factor``, the learning rate. A
+  plain ``optax.chain``: its state is a tuple of optax's NamedTuples, and the
+  moment is found by its field name (:func:`~selfish_jax.optim.first_moment`)."""
+  stages = [clip_and_decay(clip_norm, weight_decay)]
+  if moment is not None:
+    stages.append(moment)
+  stages += [scale_by_lr_factor(), optax.scale_by_learning_rate(learning_rate)]
+  return optax.chain(*stages)

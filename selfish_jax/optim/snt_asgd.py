@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import optax
 
-from selfish_jax.optim.averaging import dense_averaging, sparse_averaging
-from selfish_jax.optim.chain import sparse_sgd_chain
-from selfish_jax.optim.remask import remask
+from selfish_jax.optim.chain import sgd_steps
+from selfish_jax.optim.sparsify import sparsify
 
 
 def snt_asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
@@ -26,25 +25,24 @@ def snt_asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6
     clip_norm: global-norm clipping threshold; ``None`` disables it.
 
   Returns:
-    A transform whose ``update(grads, state, params, masks=masks)`` returns
-    masked updates; it averages once ``start_averaging`` switched it on.
+    ``sparsify(sgd, average=True)``: ``update(grads, state, params, masks=masks)``
+    returns masked updates; it averages once ``start_averaging`` switched it on.
     ``update(..., lr_factor=f)`` scales that step's learning rate by ``f``.
     Wrap it in ``optax.inject_hyperparams`` to schedule its hyperparameters,
-    or chain it after other transforms.
+    or chain other transforms before it.
   """
-  return sparse_sgd_chain(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm,
-                          last=sparse_averaging())
+  return sparsify(sgd_steps(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm),
+                  average=True)
 
 
 def asgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
          clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
   """:func:`snt_asgd` with dense averaging: NT-ASGD as AWD-LSTM runs it, for the ablation."""
-  return sparse_sgd_chain(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm,
-                          last=dense_averaging())
+  return sparsify(sgd_steps(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm),
+                  average='dense')
 
 
 def sgd(learning_rate: optax.ScalarOrSchedule, weight_decay: float = 1.2e-6,
         clip_norm: float | None = 0.25) -> optax.GradientTransformationExtraArgs:
   """:func:`snt_asgd` without averaging (no averaging state): the SGD phase only."""
-  return sparse_sgd_chain(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm,
-                          last=remask())
+  return sparsify(sgd_steps(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm))

@@ -132,7 +132,7 @@ class Classification:
     self.model = LSTMClassifier(len(vocab), len(splits['train'].classes), config.emsize,
                                 config.nhid, config.nlayers, config.dropout, config.pooling)
     self.description = (f'{config.nlayers}x{config.nhid} LSTM classifier on {config.corpus} '
-                        f'({len(splits["train"].classes)} classes)')
+                        f'({len(splits["train"].classes)} classes), optimizer {config.optimizer}')
 
   def init_params(self, key: jax.Array):
     return jax.jit(lambda k: self.model.init(
@@ -208,8 +208,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = run.state
     final = run.finish({'best_accuracy': max(accuracies, default=0.0),
                         'final_accuracy': accuracies[-1] if accuracies else None,
-                        'density': sparsity.overall_density(state.masks),
-                        'params': sparsity.parameter_count(state.params, state.masks)})
+                        'density': sparsity.summarize(state.masks)['density'],
+                        'params': sparsity.host_numbers(
+                            sparsity.parameter_count(state.params, state.masks))})
   logging.info('| end of training | best held-out accuracy %.4f | final %.4f',
                final['best_accuracy'], final['final_accuracy'])
   return final

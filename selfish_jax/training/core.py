@@ -99,7 +99,8 @@ def build_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> met
       config.method, density=config.density, sparse_init=config.sparse_init,
       death_rate=config.death_rate, death_rate_final=config.death_rate_final,
       total_steps=config.num_epochs * steps_per_epoch, growth=config.growth,
-      every_steps=config.update_every, end_fraction=config.update_end_fraction)
+      growth_ties=config.growth_ties, every_steps=config.update_every,
+      end_fraction=config.update_end_fraction)
 
 
 class SparseTraining:
@@ -107,9 +108,8 @@ class SparseTraining:
 
   Args:
     method: the sparse-training method (masks, topology updates, schedules).
-    tx: the optimizer (any of :mod:`selfish_jax.optim`, or a chain ending in
-      one of its last stages).
-    optimizer: the optimizer's name (what momentum growth reads the moment of).
+    tx: the optimizer (any of :mod:`selfish_jax.optim`, or any optax optimizer
+      made sparse by :func:`selfish_jax.optim.sparsify`).
     topology_key: the key every topology update folds its step or epoch into.
     gate_layout: the model's gate layout, for per-gate densities.
     nonmono, asgd_start_epoch, asgd_restart_epochs: the switch and restarts
@@ -117,16 +117,17 @@ class SparseTraining:
   """
 
   def __init__(self, method: methods.Method, tx: optax.GradientTransformationExtraArgs, *,
-               optimizer: str, topology_key: jax.Array, gate_layout: dict,
+               topology_key: jax.Array, gate_layout: dict,
                nonmono: int = 5, asgd_start_epoch: int = 0,
                asgd_restart_epochs: Sequence[int] = ()):
-    self.method, self.tx, self.optimizer = method, tx, optimizer
+    self.method, self.tx = method, tx
     self.topology_key, self.gate_layout = topology_key, gate_layout
     self.nonmono, self.asgd_start_epoch = nonmono, asgd_start_epoch
     self.asgd_restart_epochs = tuple(asgd_restart_epochs)
     # One program over all matrices, donating the params so XLA updates them in place.
     self._update = jax.jit(method.update, donate_argnums=0) if method.update else None
     self._union = jax.jit(sparsity.union_masks)
+    self._distance = jax.jit(sparsity.topology_distance)
     self.eval_weights = jax.jit(lambda state: optim.averaged_params(
         state.opt_state, state.params, state.masks))
 
@@ -135,7 +136,7 @@ class SparseTraining:
                   topology_key: jax.Array, gate_layout: dict) -> 'SparseTraining':
     """The core of a run of ``config`` (its optimizer and sparsity keys)."""
     return cls(build_method(config, steps_per_epoch), build_optimizer(config),
-               optimizer=config.optimizer, topology_key=topology_key, gate_layout=gate_layout,
+               topology_key=topology_key, gate_layout=gate_layout,
                nonmono=config.nonmono, asgd_start_epoch=config.asgd_start_epoch,
                asgd_restart_epochs=config.asgd_restart_epochs)
 
@@ -146,7 +147,7 @@ class SparseTraining:
     # by shape, so one program is compiled per distinct matrix shape.
     masks = self.method.init_masks(mask_key, params)
     params = sparsity.apply_masks(params, masks)
-    grows_by_gradient = self.method.scores == 'gradient'
+    grows_by_gradient = self.method.grows_by == 'gradient'
     state = TrainState(step=jnp.int32(0), params=params, masks=masks,
                        opt_state=self.tx.init(params), carry=carry,
                        method_state=self.method.initial_state,
@@ -160,10 +161,10 @@ class SparseTraining:
   def growth_scores(self, state: TrainState) -> PyTree:
     """What the method grows by: the latest train step's gradient, the optimizer's
     first moment, or None."""
-    if self.method.scores == 'gradient':
+    if self.method.grows_by == 'gradient':
       return state.gradients
-    if self.method.scores == 'momentum':
-      return optim.first_moment(self.optimizer, state.opt_state)
+    if self.method.grows_by == 'momentum':
+      return optim.first_moment(state.opt_state)
     return None
 
   def change_topology(self, state: TrainState, key: jax.Array) -> TrainState:
@@ -185,9 +186,9 @@ class SparseTraining:
     per-matrix topology distance (empty when there was none)."""
     if not self.method.updates_at(step, epoch_end=True):
       return state, {}
-    before = jax.device_get(state.masks)
+    before = state.masks
     state = self.change_topology(state, jax.random.fold_in(self.topology_key, epoch))
-    return state, sparsity.topology_distance(before, jax.device_get(state.masks))
+    return state, sparsity.host_numbers(self._distance(before, state.masks))
 
   def end_epoch(self, state: TrainState, host: HostState, epoch: int, step: int,
                 val_loss: float) -> tuple[TrainState, EpochEnd]:
@@ -200,7 +201,7 @@ class SparseTraining:
         epoch, host.val_losses, val_loss, self.nonmono, self.asgd_start_epoch))
     if switched:
       state = state.replace(opt_state=optim.start_averaging(state.opt_state))
-      logging.info('Switching to averaging (%s) after epoch %d.', self.optimizer, epoch)
+      logging.info('Switching to averaging after epoch %d.', epoch)
     if not averaging:
       host.val_losses.append(val_loss)
     moved = {}
@@ -224,11 +225,10 @@ class SparseTraining:
     return self.epoch_end_topology(state, epoch, int(state.step))
 
   def mask_fields(self, state: TrainState) -> dict:
-    """What an epoch record says about the masks."""
-    summary = sparsity.summarize(state.masks, self.gate_layout)
-    itop = sparsity.itop_rate(state.ever_active)
-    return {'density': summary['density'], 'gate_density': summary['gate_density'],
-            'itop_rate': itop['total'], 'itop_rate_per_matrix': itop['per_matrix']}
+    """What an epoch record says about the masks (host numbers)."""
+    summary = sparsity.summarize(state.masks, self.gate_layout, state.ever_active)
+    return {k: summary[k] for k in ('density', 'gate_density', 'itop_rate',
+                                    'itop_rate_per_matrix')}
 
   def rates(self, step: int) -> dict[str, float]:
     """What the method's schedules say at ``step``: the removal fraction it
@@ -241,10 +241,10 @@ class SparseTraining:
     return rates
 
   def describe(self, state: TrainState) -> str:
-    """The start line's account of the method, optimizer and active weights."""
-    summary = sparsity.summarize(state.masks, self.gate_layout)
-    return (f'method {self.method.name}, optimizer {self.optimizer}: '
-            f'{sparsity.parameter_count(state.params, state.masks)} of '
+    """The start line's account of the method and its active weights."""
+    summary = sparsity.summarize(state.masks)
+    count = sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks))
+    return (f'method {self.method.name}: {count} of '
             f'{sum(p.size for p in jax.tree.leaves(state.params))} weights active (density '
             f'{summary["density"]:.4f} of the masked matrices); active per matrix '
             f'{summary["active"]}')

@@ -101,7 +101,7 @@ class LanguageModelling:
         by_rows if self.test_batch_size % mesh.devices.size == 0 else self.replicated)
     self.model = models.build_model(config, corpus.vocab_size, mesh.devices.size)
     self.description = (f'{config.model} language model on {config.dataset} '
-                        f'({config.nlayers} layers of {config.nhid})')
+                        f'({config.nlayers} layers of {config.nhid}), optimizer {config.optimizer}')
 
   def _limit(self, num_windows: int) -> int:
     if self.config.max_steps_per_epoch:
@@ -195,8 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           'test_loss': test_loss, 'test_ppl': perplexity(test_loss),
           'best_val_loss': run.host.best_val_loss,
           'best_val_ppl': perplexity(run.host.best_val_loss),
-          'density': sparsity.overall_density(state.masks),
-          'params': sparsity.parameter_count(state.params, state.masks),
+          'density': sparsity.summarize(state.masks)['density'],
+          'params': sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks)),
           'train_flops_relative': flops.train_flops_relative(
               core.method, sparse_forward, dense_forward,
               config.num_epochs * task.steps_per_epoch)})
