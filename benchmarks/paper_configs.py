@@ -24,7 +24,7 @@ from absl import app, flags
 
 from benchmarks import step as step_benchmark
 from experiments.configs import ptb_lstm_large, ptb_onlstm, ptb_rhn, wt2_awd_lstm_mos
-from selfish_jax import host, models
+from selfish_jax import malloc_tuning, models
 
 CONFIGS = {'ptb_lstm_large': ptb_lstm_large, 'ptb_rhn': ptb_rhn, 'ptb_onlstm': ptb_onlstm,
            'wt2_awd_lstm_mos': wt2_awd_lstm_mos}
@@ -52,7 +52,7 @@ def main(argv):
   unknown = set(_CONFIGS.value) - set(CONFIGS)
   if unknown:
     raise app.UsageError(f'unknown --configs {sorted(unknown)}; expected some of {list(CONFIGS)}')
-  host.tune_for_backend()
+  malloc_tuning.tune_for_backend()
   rows = []
   unrolls = [int(u) for u in _UNROLLS.value]
   for name in _CONFIGS.value:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfish_jax import host
+from selfish_jax import malloc_tuning
 from selfish_jax.sparsity import select, topology
 
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed updates per implementation.')
@@ -60,7 +60,7 @@ def time_update(update_leaf, params, masks) -> float:
 
 def main(argv):
   del argv
-  host.tune_for_backend()
+  malloc_tuning.tune_for_backend()
   rng = np.random.default_rng(0)
   masks = {n: jnp.asarray(rng.random(s) < 0.33) for n, s in SHAPES.items()}
   params = {n: jnp.where(masks[n], jnp.asarray(rng.uniform(-0.1, 0.1, s), jnp.float32), 0.0)

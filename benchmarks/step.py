@@ -19,7 +19,7 @@ is compiled as the training loop compiles it, data parallel over
 ``all_gathers`` report what XLA made of it (``--parts=compile`` reports only
 those and ``compile_s``, without running). Like
 ``experiments.main`` it first keeps freed host memory for reuse
-on CPU (``selfish_jax.host``); ``--noretain_freed_memory`` measures without that.
+on CPU (``selfish_jax.malloc_tuning``); ``--noretain_freed_memory`` measures without that.
 """
 
 import json
@@ -34,12 +34,13 @@ from ml_collections import config_flags
 
 from selfish_jax import config as config_lib
 from selfish_jax import flops as flops_lib
-from selfish_jax import host, models
+from selfish_jax import malloc_tuning, models
 from selfish_jax import sparsity
 from selfish_jax.data import batching
 from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.sparsity import methods
-from selfish_jax.training import parallel, steps, train
+from selfish_jax.training import language_model_steps as lm_steps
+from selfish_jax.training import language_modelling, parallel, setup
 from selfish_jax.training.core import SparseTraining
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
@@ -51,7 +52,7 @@ _PARTS = flags.DEFINE_list('parts', ['train', 'eval', 'topology'],
                            'What to measure: train, eval, topology; compile (only compiles '
                            'the train step and reports its per-device GFLOP and all-gathers).')
 _RETAIN_FREED_MEMORY = flags.DEFINE_bool(
-    'retain_freed_memory', True, 'Keep freed host memory for reuse (selfish_jax.host).')
+    'retain_freed_memory', True, 'Keep freed host memory for reuse (selfish_jax.malloc_tuning).')
 
 
 def _block(tree):
@@ -59,10 +60,10 @@ def _block(tree):
   return tree
 
 
-def _time_train_step(config, model, tx, state, window) -> dict:
+def _time_train_step(config, model, core, state, window) -> dict:
   start = time.perf_counter()
   dropout_key = jax.random.key(1)
-  compiled, state, window = _compile_train_step(config, model, tx, state, window)
+  compiled, state, window = _compile_train_step(config, model, core, state, window)
   compile_s = time.perf_counter() - start
   for _ in range(_WARMUP.value):
     state, _ = compiled(state, window, dropout_key, 1.0)
@@ -99,18 +100,18 @@ def _time_train_step(config, model, tx, state, window) -> dict:
   }
 
 
-def _compile_train_step(config, model, tx, state, window):
-  """``(compiled step, state, window)``: the data-parallel train step as the
-  training loop compiles it, on ``config.num_devices`` devices (0: all), with
-  the state and window placed on them."""
+def _compile_train_step(config, model, core, state, window):
+  """``(compiled step, state, window)``: the data-parallel train step that
+  training runs (the core's sparse step of the language model's gradient,
+  jitted by ``language_modelling.jit_train_step``), on ``config.num_devices``
+  devices (0: all), with the state and window placed on them."""
   mesh = parallel.make_mesh(config.num_devices)
   state_sharding = parallel.train_state_sharding(mesh, state)
-  batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  step = jax.jit(steps.make_train_step(steps.make_grad_fn(model, mesh, config.gradient_groups),
-                                       tx), donate_argnums=0,
-                 in_shardings=(state_sharding, batch, replicated, replicated),
-                 out_shardings=(state_sharding, replicated))
-  state, window = jax.device_put(state, state_sharding), jax.device_put(window, batch)
+  step = language_modelling.jit_train_step(
+      core.train_step(lm_steps.make_grad_fn(model, mesh, config.gradient_groups)), mesh,
+      state_sharding)
+  state = jax.device_put(state, state_sharding)
+  window = jax.device_put(window, parallel.batch_sharding(mesh))
   return step.lower(state, window, jax.random.key(1), 1.0).compile(), state, window
 
 
@@ -132,7 +133,7 @@ def compiled_step_costs(compiled) -> dict:
 def _time_evaluation(config, model, params, window) -> dict:
   eval_windows = batching.Windows(*(jnp.stack([x[:config.eval_batch_size, :config.bptt]] * 10)
                                  for x in (window.inputs, window.targets, window.weights)))
-  evaluate = jax.jit(steps.make_evaluate(model, eval_windows.inputs.shape[1]))
+  evaluate = jax.jit(lm_steps.make_evaluate(model, eval_windows.inputs.shape[1]))
   _block(evaluate(params, eval_windows))
   start = time.perf_counter()
   _block(evaluate(params, eval_windows))
@@ -141,10 +142,10 @@ def _time_evaluation(config, model, params, window) -> dict:
 
 def _time_topology_update(config, params, masks) -> dict:
   # Selfish-RNN's update (magnitude removal, random regrowth) at the config's death
-  # rate, called exactly as the training loop calls a method's update.
+  # rate, jitted as the core jits a method's update (params donated).
   selfish = methods.make_method('selfish', density=config.density,
                                 death_rate=config.death_rate, total_steps=1000)
-  update = jax.jit(selfish.update, donate_argnums=0)  # as train_and_evaluate jits it
+  update = jax.jit(selfish.update, donate_argnums=0)
   fresh, chained = [], []
   updated, updated_masks = jax.tree.map(jnp.copy, params), masks
   for i in range(_TOPOLOGY_REPEATS.value + 1):  # the first call compiles
@@ -181,9 +182,12 @@ def benchmark(config, parts=PARTS) -> dict:
                          jnp.asarray(weights))
   devices = parallel.make_mesh(config.num_devices).devices.size
   model = models.build_model(config, vocab, devices)
-  core = SparseTraining.from_config(config, 1000, jax.random.key(0), model.gate_layout)
-  tx, method = core.tx, core.method
-  state = train.initial_state(core, model, config.batch_size, jax.random.key(config.seed))
+  keys = setup.RunKeys.from_seed(config.seed)
+  core = SparseTraining(setup.build_method(config, 1000), setup.build_optimizer(config),
+                        topology_key=keys.topology, gate_layout=model.gate_layout)
+  method = core.method
+  state = core.init_state(models.init_params(model, keys.params), keys.masks,
+                          model.initial_carry(config.batch_size))
   result = {
       'config': {k: config[k] for k in ('model', 'dataset', 'emsize', 'nhid', 'nlayers',
                                         'batch_size', 'bptt', 'variable_bptt', 'method',
@@ -197,10 +201,10 @@ def benchmark(config, parts=PARTS) -> dict:
   if 'eval' in parts:
     result.update(_time_evaluation(config, model, state.params, window))
   if 'train' in parts:
-    result.update(_time_train_step(config, model, tx, state, window))
+    result.update(_time_train_step(config, model, core, state, window))
   elif 'compile' in parts:
     start = time.perf_counter()
-    compiled, _, window = _compile_train_step(config, model, tx, state, window)
+    compiled, _, window = _compile_train_step(config, model, core, state, window)
     result.update(compile_s=time.perf_counter() - start,
                   devices=len(window.inputs.sharding.device_set),
                   **compiled_step_costs(compiled))
@@ -212,7 +216,7 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError('--config is required')
   if _RETAIN_FREED_MEMORY.value:
-    host.tune_for_backend()
+    malloc_tuning.tune_for_backend()
   unknown = set(_PARTS.value) - set(PARTS)
   if unknown:
     raise app.UsageError(f'unknown --parts {sorted(unknown)}; expected some of {PARTS}')

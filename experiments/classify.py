@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from selfish_jax import host
+from selfish_jax import malloc_tuning
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a classification config file.',
                                           lock_config=True)
@@ -20,8 +20,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  host.tune_for_backend()
-  from selfish_jax.training.classify import train_classifier
+  malloc_tuning.tune_for_backend()
+  from selfish_jax.training.classification import train_classifier
   final = train_classifier(_CONFIG.value, _WORKDIR.value)
   print(f"best held-out accuracy {final['best_accuracy']:.4f}, final "
         f"{final['final_accuracy']:.4f}, density {final['density']:.4f}")

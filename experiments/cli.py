@@ -158,10 +158,10 @@ class DistributedFlags:
         'outside a collective (in a checkpoint\'s barrier) is noticed only then.')
 
   def run(self, train: Callable[[], object]) -> None:
-    """Starts the multi-process runtime if asked, tunes the host for the backend,
+    """Starts the multi-process runtime if asked, tunes malloc for the backend,
     and runs ``train()`` (as :func:`run_distributed` does when distributed)."""
-    from selfish_jax import host  # pylint: disable=g-import-not-at-top
-    host.tune_for_backend()  # on CPU: XLA:CPU re-allocates its buffers every step
+    from selfish_jax import malloc_tuning  # pylint: disable=g-import-not-at-top
+    malloc_tuning.tune_for_backend()  # on CPU: XLA:CPU re-allocates its buffers every step
     if not self.enabled.value:
       train()
       return

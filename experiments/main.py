@@ -22,7 +22,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
-  from selfish_jax.training.train import train_and_evaluate  # after flags: faster --help
+  from selfish_jax.training.language_modelling import train_and_evaluate  # after flags: faster --help
   _DISTRIBUTED.run(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 

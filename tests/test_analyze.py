@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from experiments import analyze
-from selfish_jax.training import train
+from selfish_jax.training.language_modelling import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ def test_analyze_writes_plots_and_the_nnstd_of_runs(text_corpus_dir, tmp_path):
     config = make_tiny_config(text_corpus_dir, dataset='text')
     config.update(seed=seed, num_epochs=2, max_steps_per_epoch=3)
     workdir = str(tmp_path / f'seed{seed}')
-    train.train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir)
     workdirs.append(workdir)
   result = analyze.analyze(workdirs + [workdirs[0]], str(tmp_path / 'out'))
   assert sorted(os.listdir(tmp_path / 'out')) == sorted(result['files']) == sorted([

@@ -15,7 +15,7 @@ from conftest import run_until
 from selfish_jax.data import documents
 from selfish_jax.errors import ConfigError, DataError
 from selfish_jax.models.classifier import LSTMClassifier
-from selfish_jax.training import classify
+from selfish_jax.training import classification as classify
 from selfish_jax.training import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,7 +26,7 @@ def test_a_run_prints_its_own_lines_only(text_corpus_dir, tmp_path):
   assert any('| epoch   1 |    10/   20 steps |' in l and 'epoch left' in l for l in lines)
   assert any('| end of epoch   1 |' in l for l in lines)
   assert any('| end of training | test loss' in l for l in lines)
-  assert all(re.search(r' (train|loop|core).py:', l.split(']')[0])
+  assert all(re.search(r' (language_modelling|loop|core).py:', l.split(']')[0])
              for l in lines if l[:1] == 'I'), lines
   assert any('Start: lstm language model on text' in l and 'weights active' in l for l in lines)
   # Asked for, the libraries' INFO lines are there.

@@ -17,8 +17,9 @@ from selfish_jax import flops, models, sparsity
 from selfish_jax.models import layers
 from selfish_jax.errors import ConfigError
 from selfish_jax.training import metrics as metrics_lib
-from selfish_jax.training import steps, train
-from selfish_jax.training.core import SparseTraining, build_optimizer
+from selfish_jax.training import language_model_steps as steps
+from selfish_jax.training import setup
+from selfish_jax.training.language_modelling import train_and_evaluate
 
 VOCAB = 40
 NEW_FAMILIES = ('rhn', 'onlstm', 'awd_lstm_mos')
@@ -396,7 +397,8 @@ def _train_step(model, optimizer, lr):
   config = _config(model, optimizer=optimizer, lr=lr)
   net = models.build_model(config, VOCAB)
   grad_fn = steps.make_grad_fn(net)
-  return net, grad_fn, jax.jit(steps.make_train_step(grad_fn, build_optimizer(config)))
+  core = setup.build_core(config, 4, net.gate_layout, jax.random.key(0))
+  return net, grad_fn, jax.jit(core.train_step(grad_fn))
 
 
 PER_MATRIX = ('static', 'selfish', 'set', 'rigl')
@@ -411,9 +413,11 @@ def test_every_family_trains_with_every_method_and_optimizer(model, method, opti
   lr = {'momentum': 1.0, 'adam': 0.05}.get(optimizer, 5.0)
   config = _config(model, method=method, optimizer=optimizer, density=0.4, lr=lr)
   net, grad_fn, train_step = _train_step(model, optimizer, lr)
-  core = SparseTraining.from_config(config, 4, jax.random.key(0), net.gate_layout)
+  core = setup.build_core(config, 4, net.gate_layout, jax.random.key(0))
   method_ = core.method
-  state = train.initial_state(core, net, config.batch_size, jax.random.key(0))
+  params_key, mask_key = jax.random.split(jax.random.key(0))
+  state = core.init_state(models.init_params(net, params_key), mask_key,
+                          net.initial_carry(config.batch_size))
   window = steps.Windows(jax.random.randint(jax.random.key(1), (4, 6), 0, VOCAB),
                          jax.random.randint(jax.random.key(2), (4, 6), 0, VOCAB),
                          jnp.ones((4, 6)))
@@ -459,11 +463,11 @@ def test_each_family_resumes_to_identical_results(model, text_corpus_dir, tmp_pa
                    eval_batch_size=64,
                    num_epochs=2, max_steps_per_epoch=6, checkpoint_every_steps=2, log_every=1,
                    lr=2.0, variable_bptt=model != 'rhn', max_bptt_delta=3)
-  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  straight = train_and_evaluate(config, str(tmp_path / 'straight'))
   # Die in epoch 2, past the checkpoint of step 8, then resume.
-  run_until(monkeypatch, lambda: train.train_and_evaluate(config, str(tmp_path / 'resumed')),
+  run_until(monkeypatch, lambda: train_and_evaluate(config, str(tmp_path / 'resumed')),
             lambda record: record.get('step') == 9 and 'loss' in record)
-  assert train.train_and_evaluate(config, str(tmp_path / 'resumed')) == straight
+  assert train_and_evaluate(config, str(tmp_path / 'resumed')) == straight
   records = {}
   for run in ('straight', 'resumed'):
     records[run] = [{k: v for k, v in r.items() if k not in ('epoch_time_s', 'ms_per_step',
@@ -521,9 +525,9 @@ def test_a_fifth_family_is_its_module_and_its_family_entry(text_corpus_dir, tmp_
   config.bigram_init_scale = 0.5
   with pytest.raises(ConfigError, match=r"model 'lstm' does not use bigram_init_scale "
                                         r'\(used by bigram\)'):
-    train.train_and_evaluate(config, str(tmp_path / 'lstm'))
+    train_and_evaluate(config, str(tmp_path / 'lstm'))
   config.update(model='bigram', num_epochs=2, max_steps_per_epoch=30, lr=20.0)
-  final = train.train_and_evaluate(config, str(tmp_path / 'bigram'))
+  final = train_and_evaluate(config, str(tmp_path / 'bigram'))
   epochs = metrics_lib.read_records(str(tmp_path / 'bigram'), metrics_lib.EPOCH)
   assert epochs[1]['val_ppl'] < epochs[0]['val_ppl'] < 41  # below uniform over 41 words
   assert final['density'] == pytest.approx(0.33, abs=0.01)  # both matrices masked

@@ -44,10 +44,10 @@ def test_greedy_sampling_feeds_back_the_most_likely_token(family):
 
 def test_generate_cli_continues_a_prompt_from_a_finished_run(text_corpus_dir, tmp_path):
   from conftest import make_tiny_config
-  from selfish_jax.training import train
+  from selfish_jax.training.language_modelling import train_and_evaluate
   config = make_tiny_config(text_corpus_dir, dataset='text')
   config.update(num_epochs=1, max_steps_per_epoch=4)
-  train.train_and_evaluate(config, str(tmp_path))
+  train_and_evaluate(config, str(tmp_path))
   command = [sys.executable, '-m', 'experiments.generate', f'--workdir={tmp_path}',
              '--prompt=w1 w2 zzzunknownword', '--num_tokens=12', '--temperature=0']
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

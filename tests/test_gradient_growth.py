@@ -8,7 +8,9 @@ import pytest
 
 from conftest import make_tiny_config, run_until
 from selfish_jax.training import metrics as metrics_lib
-from selfish_jax.training import core, steps, train
+from selfish_jax.training import setup
+from selfish_jax.training.core import SparseTraining
+from selfish_jax.training.language_modelling import train_and_evaluate
 
 
 def _gradient_config(corpus_dir, method):
@@ -28,10 +30,10 @@ def test_update_scores_are_the_gradient_of_the_preceding_train_step(
   before computed on its own carry, window and dropout."""
   config = _gradient_config(text_corpus_dir, method)
   step_gradients, update_scores = {}, {}
-  real_make_train_step, real_build_method = steps.make_train_step, core.build_method
+  real_train_step, real_build_method = SparseTraining.train_step, setup.build_method
 
-  def recording_train_step(grad_fn, tx):
-    train_step = real_make_train_step(grad_fn, tx)
+  def recording_train_step(self, grad_fn):
+    train_step = real_train_step(self, grad_fn)
 
     def recorded(state, window, dropout_key, lr_factor=1.0):
       # The step's gradient recomputed from its own inputs, beside the real step.
@@ -52,9 +54,9 @@ def test_update_scores_are_the_gradient_of_the_preceding_train_step(
 
     return dataclasses.replace(method_, update=update)
 
-  monkeypatch.setattr(steps, 'make_train_step', recording_train_step)
-  monkeypatch.setattr(core, 'build_method', recording_build_method)
-  train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(SparseTraining, 'train_step', recording_train_step)
+  monkeypatch.setattr(setup, 'build_method', recording_build_method)
+  train_and_evaluate(config, str(tmp_path))
   jax.effects_barrier()
   assert sorted(update_scores) == update_steps
   for step in update_steps:
@@ -72,10 +74,10 @@ def test_gradient_growth_resumes_to_identical_results(method, text_corpus_dir, t
   the second epoch), resumed across RigL's update at step 12 and selfish's at
   the epoch end: bit for bit the uninterrupted run."""
   config = _gradient_config(text_corpus_dir, method)
-  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'whole'))
-  run_until(monkeypatch, lambda: train.train_and_evaluate(config, str(tmp_path / 'resumed')),
+  uninterrupted = train_and_evaluate(config, str(tmp_path / 'whole'))
+  run_until(monkeypatch, lambda: train_and_evaluate(config, str(tmp_path / 'resumed')),
             lambda record: record.get('step') == 13 and 'loss' in record)
-  assert train.train_and_evaluate(config, str(tmp_path / 'resumed')) == uninterrupted
+  assert train_and_evaluate(config, str(tmp_path / 'resumed')) == uninterrupted
   timing = ('epoch_time_s', 'train_tokens_per_s', 'ms_per_step', 'tokens_per_s')
   records = [[{k: v for k, v in r.items() if k not in timing}
               for r in metrics_lib.read_records(str(tmp_path / run), metrics_lib.EPOCH)]
@@ -118,7 +120,7 @@ def _check_ties_spread_uniformly(old_mask, new_mask, scores, removed, k):
 @pytest.mark.parametrize('growth', ['gradient', 'momentum'])
 def test_growth_breaks_ties_among_zero_scores_uniformly(rows, growth):
   from selfish_jax import sparsity
-  from selfish_jax.sparsity import select, topology
+  from selfish_jax.sparsity import select
   cols = 20
   assert (rows * cols < select.SORT_BELOW) == (rows == 400)
   scores = _sparse_scores(rows, cols, rows // 25, seed=rows)

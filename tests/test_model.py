@@ -11,7 +11,7 @@ import pytest
 from selfish_jax.data import batching
 from selfish_jax import models
 from selfish_jax.models import lstm, softmax
-from selfish_jax.training import steps
+from selfish_jax.training import language_model_steps as steps
 
 
 def _model_and_params(**kwargs):

@@ -18,7 +18,8 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 import fake_gcs
-from experiments import compare
+from experiments import report
+from experiments.cell_log import cell_log
 from experiments.configs import ptb_lstm_small
 from selfish_jax import storage
 from selfish_jax.data import download, load_corpus
@@ -92,15 +93,16 @@ def _umask():
 
 def test_config_is_written_whole_without_a_temporary_object(gcs, tmp_path):
   workdir = _gs(tmp_path, 'run')
-  workdir_lib.open_workdir(workdir, {'lr': 20.0}, check=lambda saved: None)
+  workdir_lib.open_workdir(workdir, {'lr': 20.0}, check=lambda saved, config: None)
   assert workdir_lib.read_config(workdir) == {'lr': 20.0}
   assert gcs.names(tmp_path.name + '/') == [f'{tmp_path.name}/run/config.json']
   seen = []
-  workdir_lib.open_workdir(workdir, {'lr': 40.0}, check=seen.append)  # a resume checks it
+  record = lambda saved, config: seen.append(saved)
+  workdir_lib.open_workdir(workdir, {'lr': 40.0}, check=record)  # a resume checks it
   assert seen == [{'lr': 20.0}] and workdir_lib.read_config(workdir) == {'lr': 20.0}
   with pytest.raises(WorkdirError, match=r'^cannot write gs://nobucket/run/config.json '
                      r'\(FileNotFoundError: .*\): check that the folder or bucket exists'):
-    workdir_lib.open_workdir('gs://nobucket/run', {'lr': 20.0}, check=seen.append)
+    workdir_lib.open_workdir('gs://nobucket/run', {'lr': 20.0}, check=record)
 
 
 def test_a_sweep_on_gs_collects_reports_and_logs_its_cells(gcs, tmp_path):
@@ -113,12 +115,12 @@ def test_a_sweep_on_gs_collects_reports_and_logs_its_cells(gcs, tmp_path):
     epath.Path(sweep, name, 'metrics.jsonl').write_text(
         ''.join(json.dumps(r) + '\n' for r in records))
   base = ptb_lstm_small.get_config()
-  rows = compare.collect(base, sweep, ['selfish', 'set'], ['sgd', 'snt_asgd'], [1], {})
+  rows = report.collect(base, sweep, ['selfish', 'set'], ['sgd', 'snt_asgd'], [1], {})
   # Each sgd cell is its snt_asgd twin (the trigger never fired in 3 epochs).
   assert [(r['method'], r['optimizer'], r['test_ppl'][0]) for r in rows] == [
       ('selfish', 'sgd', 80.0), ('selfish', 'snt_asgd', 80.0),
       ('set', 'sgd', 90.0), ('set', 'snt_asgd', 90.0)]
-  table = compare.write_report(rows, sweep)
+  table = report.write_report(rows, sweep)
   assert gcs.read(f'{tmp_path.name}/results.md') == table
   assert '| set | snt_asgd | 100 | 0.330 |' in table
   assert json.loads(gcs.read(f'{tmp_path.name}/results.json')) == json.loads(json.dumps(rows))
@@ -126,7 +128,7 @@ def test_a_sweep_on_gs_collects_reports_and_logs_its_cells(gcs, tmp_path):
 
   cell = _gs(tmp_path, 'selfish-snt_asgd-seed1')
   for line in ('first session', 'resumed session'):
-    with compare.cell_log(cell, show=False):
+    with cell_log(cell, show=False):
       logging.warning('%s', line)
   log = gcs.read(f'{tmp_path.name}/selfish-snt_asgd-seed1/train.log')
   assert log.index('first session') < log.index('resumed session')

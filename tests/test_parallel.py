@@ -80,23 +80,24 @@ import jax
 from benchmarks import step as bench
 from experiments.configs import ptb_lstm_small, ptb_rhn_cpu, ptb_onlstm_cpu, wt2_awd_lstm_mos_cpu
 from selfish_jax import models
-from selfish_jax.training import steps, train
-from selfish_jax.training.core import SparseTraining
+from selfish_jax.training import language_model_steps as steps
+from selfish_jax.training import setup
 import jax.numpy as jnp
 out = {}
 for module in (ptb_lstm_small, ptb_rhn_cpu, ptb_onlstm_cpu, wt2_awd_lstm_mos_cpu):
   config = module.get_config()
   config.update(emsize=40, nhid=40, batch_size=8, bptt=10, loss_chunk_rows=int(sys.argv[1]))
   model = models.build_model(config, 500)
-  core = SparseTraining.from_config(config, 100, jax.random.key(0), model.gate_layout)
-  tx = core.tx
-  state = train.initial_state(core, model, config.batch_size, jax.random.key(0))
+  core = setup.build_core(config, 100, model.gate_layout, jax.random.key(0))
+  params_key, mask_key = jax.random.split(jax.random.key(0))
+  state = core.init_state(models.init_params(model, params_key), mask_key,
+                          model.initial_carry(config.batch_size))
   length = config.bptt + (config.max_bptt_delta if config.variable_bptt else 0)
   tokens = jax.random.randint(jax.random.key(1), (8, length), 0, 500)
   window = steps.Windows(tokens, tokens, jnp.ones((8, length)))
   for n in (1, 2):
     config.num_devices = n
-    compiled, _, _ = bench._compile_train_step(config, model, tx, state, window)
+    compiled, _, _ = bench._compile_train_step(config, model, core, state, window)
     out.setdefault(config.model, {})[n] = bench.compiled_step_costs(compiled)
 print(json.dumps(out))
 """
@@ -127,7 +128,8 @@ def test_the_train_step_is_traced_under_the_configured_matmul_precision(
     precision, text_corpus_dir, tmp_path, monkeypatch):
   import jax
   from conftest import make_tiny_config
-  from selfish_jax.training import steps, train
+  from selfish_jax.training import language_model_steps as steps
+  from selfish_jax.training.language_modelling import train_and_evaluate
   seen = []
   real_make_grad_fn = steps.make_grad_fn
 
@@ -144,5 +146,5 @@ def test_the_train_step_is_traced_under_the_configured_matmul_precision(
   config = make_tiny_config(text_corpus_dir, dataset='text')
   config.update(num_epochs=1, max_steps_per_epoch=2, eval_batch_size=16,
                 matmul_precision=precision)
-  train.train_and_evaluate(config, str(tmp_path))
+  train_and_evaluate(config, str(tmp_path))
   assert seen and set(seen) == {precision}

@@ -21,7 +21,7 @@ import pytest
 import fake_gcs
 from experiments.configs import ptb_lstm_small
 from selfish_jax.training import metrics as metrics_lib
-from selfish_jax.training import train
+from selfish_jax.training.language_modelling import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'PYTHONPATH': ROOT}
@@ -54,7 +54,7 @@ import os, runpy, signal, sys
 point, argument, *more = os.environ['FAULT'].split(':')
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 from selfish_jax import storage
-from selfish_jax.training import checkpoint, metrics, preemption, train
+from selfish_jax.training import checkpoint, language_modelling, metrics, preemption
 if point in ('after_record', 'during_record'):
   write = metrics.MetricWriter.write
   def faulty_write(self, record):
@@ -93,11 +93,11 @@ elif point == 'signal':
     return reached(self, step)
   preemption.StopWatch.reached = signalled
 elif point == 'test_signal':
-  test = train.LanguageModelling.test
+  test = language_modelling.LanguageModelling.test
   def signalled_test(self, weights):
     os.kill(os.getpid(), getattr(signal, 'SIG' + argument))
     return test(self, weights)
-  train.LanguageModelling.test = signalled_test
+  language_modelling.LanguageModelling.test = signalled_test
 sys.argv[0] = 'experiments.main'
 runpy.run_module('experiments.main', run_name='__main__', alter_sys=True)
 '''
@@ -170,7 +170,7 @@ def test_every_kill_point_resumes_to_the_uninterrupted_records(storage, text_cor
   config = ptb_lstm_small.get_config()
   config.update(**_overrides(text_corpus_dir))
   whole = tmp_path / 'whole'
-  train.train_and_evaluate(config, str(whole))
+  train_and_evaluate(config, str(whole))
   expected = _without_timing(metrics_lib.read_records(str(whole)))
   assert [r['step'] for r in expected] == [3, 4, 4, 7, 8, 8, 8]  # train, epoch, ..., final
   env = {**ENV, **storage.env}

@@ -13,7 +13,7 @@ from selfish_jax import config as config_lib
 from selfish_jax import models
 from selfish_jax.data import load_corpus
 from selfish_jax.training import metrics as metrics_lib
-from selfish_jax.training import train
+from selfish_jax.training.language_modelling import train_and_evaluate
 
 
 def test_paper_configs_follow_the_official_scripts():
@@ -35,7 +35,7 @@ def _tiny(text_corpus_dir, **overrides):
 
 def test_test_batch_size_carries_one_state_through_the_test_text(text_corpus_dir, tmp_path):
   config = _tiny(text_corpus_dir, num_epochs=1, test_batch_size=1)
-  final = train.train_and_evaluate(config, str(tmp_path / 'one'))
+  final = train_and_evaluate(config, str(tmp_path / 'one'))
   # Batch 1: the whole test text as one sequence, from a zero state.
   corpus = load_corpus('text', text_corpus_dir, allow_download=False)
   model = models.build_model(config, corpus.vocab_size)
@@ -46,7 +46,7 @@ def test_test_batch_size_carries_one_state_through_the_test_text(text_corpus_dir
                                    tokens[:, 1:], jnp.ones_like(tokens[:, 1:], jnp.float32))
   assert final['test_loss'] == pytest.approx(float(nll) / (tokens.shape[1] - 1), rel=1e-5)
   config.test_batch_size = 0  # the eval batch of 16 cuts the text into 16 streams
-  other = train.train_and_evaluate(config, str(tmp_path / 'sixteen'))
+  other = train_and_evaluate(config, str(tmp_path / 'sixteen'))
   assert other['best_val_loss'] == final['best_val_loss']
   assert other['test_loss'] != pytest.approx(final['test_loss'], rel=1e-4)
 
@@ -59,7 +59,7 @@ def test_averaging_restarts_at_the_given_epochs_and_resumes(text_corpus_dir, tmp
                                                             monkeypatch):
   config = _tiny(text_corpus_dir, num_epochs=4, asgd_start_epoch=2, asgd_restart_epochs=(3,),
                  checkpoint_every_steps=3, log_every=1)
-  final = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  final = train_and_evaluate(config, str(tmp_path / 'whole'))
   records = _epochs(tmp_path / 'whole')
   assert [r['optimizer'] for r in records] == ['sgd', 'asgd', 'asgd', 'asgd']
   assert [r['averaging_restarted'] for r in records] == [False, False, True, False]
@@ -72,15 +72,15 @@ def test_averaging_restarts_at_the_given_epochs_and_resumes(text_corpus_dir, tmp
   assert max(int(c.max()) for c in counters) == 8
   # Without the restart, epoch 4 validates other averages.
   config.asgd_restart_epochs = ()
-  train.train_and_evaluate(config, str(tmp_path / 'plain'))
+  train_and_evaluate(config, str(tmp_path / 'plain'))
   assert [r['val_loss'] for r in _epochs(tmp_path / 'plain')][:3] == [
       r['val_loss'] for r in records][:3]
   assert _epochs(tmp_path / 'plain')[3]['val_loss'] != records[3]['val_loss']
   # Killed in epoch 3 (a step past its mid-epoch checkpoint): resumes across the restart exactly.
   config.asgd_restart_epochs = (3,)
-  run_until(monkeypatch, lambda: train.train_and_evaluate(config, str(tmp_path / 'resumed')),
+  run_until(monkeypatch, lambda: train_and_evaluate(config, str(tmp_path / 'resumed')),
             lambda record: record.get('step') == 20 and 'loss' in record)
-  assert train.train_and_evaluate(config, str(tmp_path / 'resumed')) == final
+  assert train_and_evaluate(config, str(tmp_path / 'resumed')) == final
   timing = ('epoch_time_s', 'train_tokens_per_s')
   assert [{k: v for k, v in r.items() if k not in timing} for r in _epochs(tmp_path / 'resumed')
           ] == [{k: v for k, v in r.items() if k not in timing} for r in records]

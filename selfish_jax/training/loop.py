@@ -19,22 +19,24 @@ and a full disk stops it with one line; in both cases what was saved before
 stays, and the same command resumes from it.
 
 A task supplies a :class:`Task`: its batches, its train step and its
-evaluation. Everything else is here and in :mod:`selfish_jax.training.core`.
+evaluation. The run setup (:mod:`selfish_jax.training.setup`) builds the
+core, takes the workdir's lock, writes its config and hands the loop only what
+it reads (:class:`LoopSettings`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import math
 import signal
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from selfish_jax import storage
@@ -42,10 +44,10 @@ from selfish_jax.errors import Preempted, TrainingDiverged, WorkdirError
 from selfish_jax.training import metrics
 from selfish_jax.training import workdir as workdir_lib
 from selfish_jax.training.checkpoint import KEEP, Checkpoints
-from selfish_jax.training.core import SparseTraining, check_resumable
+from selfish_jax.training.core import SparseTraining
 from selfish_jax.training.metrics import MetricWriter
 from selfish_jax.training.preemption import StopWatch
-from selfish_jax.training.state import HostState, TrainState
+from selfish_jax.training.state import LoopState, TrainState
 
 PyTree = Any
 
@@ -83,11 +85,29 @@ class Task(Protocol):
     """The epoch line's account of :meth:`evaluate`'s fields."""
 
 
-# Given the fresh state and the core, the state, host state, records and best
-# weights so far (None: none) a new run starts from instead (a continuation of
-# another run: experiments/compare.py).
-Start = Callable[[TrainState, SparseTraining],
-                 tuple[TrainState, HostState, list[dict], PyTree | None]]
+class Continuation(NamedTuple):
+  """Where a new run starts instead of its fresh state: the state, loop state,
+  records and best weights (None: none yet) of another run it continues."""
+  state: TrainState
+  loop: LoopState
+  records: list[dict]
+  best: PyTree | None
+
+
+class Start(Protocol):
+  """A new run's starting point other than its fresh state
+  (:class:`~selfish_jax.training.continuation.ContinuationAtSwitch`)."""
+
+  def __call__(self, state: TrainState, core: SparseTraining) -> Continuation:
+    """Given the fresh state (its structure and placement) and the run's core."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """What the loop reads of a run's config."""
+  num_epochs: int
+  log_every: int = 200  # steps between progress records
+  checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
 
 
 def perplexity(loss: float) -> float:
@@ -111,30 +131,32 @@ def _all_finite(tree: PyTree) -> jax.Array:
 class Run:
   """A run in ``workdir``: opened (new, resumed, or from ``start``), trained, finished.
 
-  Use as a context manager: it holds the workdir's lock and the SIGTERM and
-  Ctrl-C handlers until the block ends (:meth:`close`). A signal that arrives
-  after training (in the test) lets the test finish and its record be written.
+  Use as a context manager: it holds the workdir's lock (taken by the run
+  setup before anything was built) and the SIGTERM and Ctrl-C handlers until
+  the block ends (:meth:`close`). A signal that arrives after training (in the
+  test) lets the test finish and its record be written.
 
   Args:
-    config: the run's config (saved as ``config.json``; a resume must match it
-      but for :data:`~selfish_jax.training.core.RESUMABLE_CHANGES`). The loop
-      reads ``num_epochs``, ``log_every`` and ``checkpoint_every_steps``.
-    workdir: where checkpoints and ``metrics.jsonl`` live (a local folder or URL).
+    workdir: where checkpoints and ``metrics.jsonl`` live (a local folder or URL),
+      holding this run's ``config.json`` already.
     core: the run's sparse-training core.
     state: the fresh state, placed as the run keeps it (its shardings).
+    settings: the epochs, and how often to log and checkpoint.
+    lock: the workdir's lock, released by :meth:`close`.
     description: the start line's account of the task and model.
     start: a new run's starting point other than ``state``.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, core: SparseTraining,
-               state: TrainState, *, description: str, start: Start | None = None):
-    self.config, self.workdir, self.core = config, workdir, core
+  def __init__(self, workdir: str, core: SparseTraining, state: TrainState, *,
+               settings: LoopSettings, lock: workdir_lib.WorkdirLock, description: str,
+               start: Start | None = None):
+    self.workdir, self.core, self.settings = workdir, core, settings
     self.checkpoints = self.writer = None
     self._saved_step = None
     self._pending = []  # (step, loss on the device) not yet checked for divergence
     # The best weights each kept checkpoint names (the older is the fallback's).
     self._named_best = collections.deque(maxlen=KEEP)
-    self._lock = workdir_lib.lock_workdir(workdir)
+    self._lock = lock
     self._stop = StopWatch().__enter__()
     try:
       with self._out_of_space():
@@ -144,36 +166,35 @@ class Run:
       raise
 
   def _open(self, state: TrainState, description: str, start: Start | None) -> None:
-    config, workdir, core = self.config, self.workdir, self.core
-    workdir_lib.open_workdir(workdir, workdir_lib.as_saved(config),
-                             lambda saved: check_resumable(saved, config))
+    workdir, core = self.workdir, self.core
     self.checkpoints = Checkpoints(workdir)
     self.writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    self.host = HostState()
+    self.loop = LoopState()
     restored = self.checkpoints.restore_latest(state)
     if restored is not None:
-      state, host_json = restored
-      self.host = HostState.from_json(host_json)
-      if 'best_step' not in host_json:  # a workdir from before the host state named it
-        self.host.best_step = self.checkpoints.newest_best()
+      state, loop_json = restored
+      self.loop = LoopState.from_json(loop_json)
+      if 'best_step' not in loop_json:  # a workdir from before the loop state named it
+        self.loop.best_step = self.checkpoints.newest_best()
       self._saved_step = int(state.step)
-      self._named_best.append(self.host.best_step)
+      self._named_best.append(self.loop.best_step)
       self.checkpoints.discard_after(self._saved_step)
       self.writer.truncate_after(self._saved_step)
       logging.info('Resumed from %s at step %d (epoch %d, window %d).', workdir, int(state.step),
-                   self.host.epoch, self.host.window)
+                   self.loop.epoch, self.loop.window)
     else:
       # Nothing committed: whatever an earlier start left is not part of this run.
       self.checkpoints.discard_after(-1)
       self.writer.truncate_after(-1)
       if start is not None:
-        state, self.host, records, best = start(state, core)
-        for record in records:
+        continued = start(state, core)
+        state, self.loop = continued.state, continued.loop
+        for record in continued.records:
           self.writer.write(record)
-        self.host.best_step = None
-        if best is not None:
-          self._save_best(int(state.step), best)
+        self.loop.best_step = None
         self.state = state
+        if continued.best is not None:
+          self._save_best(int(state.step), continued.best)
         self._save_latest()
       else:
         logging.info('Start: %s; %s', description, core.describe(state))
@@ -219,7 +240,7 @@ class Run:
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
       raise self._diverged(f'the training loss is {values[bad[0]]}', self._pending[bad[0]][0])
-    self.host.add_train_losses([float(v) for v in values])
+    self.loop.add_train_losses([float(v) for v in values])
     self._pending.clear()
 
   def _check_finite(self, what: str, tree: PyTree) -> None:
@@ -230,15 +251,15 @@ class Run:
     """Commits the state: the losses and parameters are checked first."""
     self._check_losses()
     self._check_finite('the parameters', self.state.params)
-    self.checkpoints.save_latest(int(self.state.step), self.state, self.host.to_json())
+    self.checkpoints.save_latest(int(self.state.step), self.state, self.loop.to_json())
     self._saved_step = int(self.state.step)
-    self._named_best.append(self.host.best_step)
+    self._named_best.append(self.loop.best_step)
     self.checkpoints.keep_best(self._named_best)
 
   def _save_best(self, step: int, weights: PyTree) -> None:
     self._check_finite('the weights to keep as the best', weights)
     self.checkpoints.save_best(step, weights)
-    self.host.best_step = step
+    self.loop.best_step = step
 
   def _stopped(self, what: str) -> Preempted:
     """The exception that ends a run asked to stop, whose state of ``what`` is saved."""
@@ -257,17 +278,17 @@ class Run:
       self._train(task)
 
   def _train(self, task: Task) -> None:
-    config, core, host = self.config, self.core, self.host
+    settings, core, loop = self.settings, self.core, self.loop
     step = int(self.state.step)  # kept on the host from here on: no device sync per step
-    while host.epoch <= config.num_epochs:
-      epoch = host.epoch
+    while loop.epoch <= settings.num_epochs:
+      epoch = loop.epoch
       epoch_start = time.time()
-      if host.window == 0:
+      if loop.window == 0:
         self.state = task.begin_epoch(self.state)
       batches = task.epoch_batches(epoch)
       epoch_steps = len(batches)
       interval_start, interval_steps, interval_tokens, epoch_tokens = time.time(), 0, 0, 0
-      for index in range(host.window, epoch_steps):
+      for index in range(loop.window, epoch_steps):
         self.state, loss = task.train_step(self.state, batches[index])
         step += 1
         tokens = batches.tokens(index)
@@ -276,17 +297,17 @@ class Run:
         self.state = core.after_step(self.state, step)
         self._pending.append((step, loss))
         interval_steps += 1
-        host.window = index + 1
-        if host.window % config.log_every == 0 or host.window == epoch_steps:
+        loop.window = index + 1
+        if loop.window % settings.log_every == 0 or loop.window == epoch_steps:
           self._log_progress(epoch, epoch_steps, time.time() - interval_start, interval_steps,
                              interval_tokens)
           interval_start, interval_steps, interval_tokens = time.time(), 0, 0
-        if (config.checkpoint_every_steps and host.window % config.checkpoint_every_steps == 0
-            and host.window < epoch_steps):
+        if (settings.checkpoint_every_steps
+            and loop.window % settings.checkpoint_every_steps == 0 and loop.window < epoch_steps):
           self._save_latest()
         if self._stop.reached(step):
           self._save_latest()
-          raise self._stopped(f'step {step} (epoch {epoch}, window {host.window} of '
+          raise self._stopped(f'step {step} (epoch {epoch}, window {loop.window} of '
                               f'{epoch_steps})')
       self._check_losses()
       self._end_epoch(task, epoch, step, epoch_start, time.time() - epoch_start, epoch_tokens)
@@ -295,36 +316,37 @@ class Run:
 
   def _log_progress(self, epoch, epoch_steps, elapsed, steps, tokens) -> None:
     self._check_losses()
-    # The interval's losses are part of the host state: a run resumed inside
+    # The interval's losses are part of the loop state: a run resumed inside
     # the interval logs the mean an uninterrupted run logs.
-    mean_loss = float(jnp.mean(jnp.asarray(self.host.interval_losses, jnp.float32)))
-    self.host.interval_losses = []
+    mean_loss = float(jnp.mean(jnp.asarray(self.loop.interval_losses, jnp.float32)))
+    self.loop.interval_losses = []
     record = {'kind': metrics.TRAIN, 'step': int(self.state.step), 'epoch': epoch,
               'loss': mean_loss, 'ppl': perplexity(mean_loss),
               'ms_per_step': 1000 * elapsed / steps, 'tokens_per_s': tokens / elapsed}
     self.writer.write(record)
-    left = (epoch_steps - self.host.window) * elapsed / steps
+    left = (epoch_steps - self.loop.window) * elapsed / steps
     logging.info('| epoch %3d | %5d/%5d steps | loss %5.2f | ppl %8.2f | %6.1f ms/step | '
-                 '%6.0f tokens/s | epoch left %s', epoch, self.host.window, epoch_steps, mean_loss,
+                 '%6.0f tokens/s | epoch left %s', epoch, self.loop.window, epoch_steps, mean_loss,
                  record['ppl'], record['ms_per_step'], record['tokens_per_s'], _duration(left))
 
   def _end_epoch(self, task, epoch, step, epoch_start, train_time, epoch_tokens) -> None:
     """Validation, the best weights, the core's epoch end and the record, then
     the commit: the checkpoint of ``step`` (see the module docstring)."""
-    core, host = self.core, self.host
+    core, loop = self.core, self.loop
     weights = core.eval_weights(self.state)
     val_loss, fields = task.evaluate(weights)
     if not math.isfinite(val_loss):
       raise self._diverged(f'the validation loss is {val_loss}', step)
-    improved = val_loss < host.best_val_loss
+    improved = val_loss < loop.best_val_loss
     if improved:
-      host.best_val_loss = val_loss
+      loop.best_val_loss = val_loss
       self._save_best(step, weights)
-    self.state, end = core.end_epoch(self.state, host, epoch, step, val_loss)
+    self.state, end = core.end_epoch(self.state, loop.val_losses, epoch, step, val_loss)
+    loop.val_losses = list(end.val_losses)
     masks = core.mask_fields(self.state)
     rates = core.rates(step)
     record = {'kind': metrics.EPOCH, 'step': step, 'epoch': epoch, **fields,
-              'train_loss': host.train_loss, 'optimizer': 'asgd' if end.averaging else 'sgd',
+              'train_loss': loop.train_loss, 'optimizer': 'asgd' if end.averaging else 'sgd',
               **rates, 'epoch_time_s': time.time() - epoch_start,
               # Of this session's part of the epoch (all of it unless resumed mid-epoch).
               'train_tokens_per_s': epoch_tokens / max(train_time, 1e-9),
@@ -339,17 +361,17 @@ class Run:
     for name, gates in masks['gate_density'].items():
       logging.info('    gate density %s: %s', name,
                    ' '.join(f'{g}={d:.3f}' for g, d in gates.items()))
-    host.next_epoch()
+    loop.next_epoch()
     if end.switched:
       self._check_finite('the parameters', self.state.params)
-      self.checkpoints.save_switch(step, self.state, host.to_json(), self.best_weights())
+      self.checkpoints.save_switch(step, self.state, loop.to_json(), self.best_weights())
     self._save_latest()
 
   def best_weights(self) -> PyTree:
     """The weights that validated best (the current ones if none were saved)."""
-    if self.host.best_step is None:
+    if self.loop.best_step is None:
       return self.state.params
-    return self.checkpoints.restore_best(self.state.params, self.host.best_step)
+    return self.checkpoints.restore_best(self.state.params, self.loop.best_step)
 
   def finish(self, final: dict) -> dict:
     """Writes the final record (once: a finished run started again adds none)

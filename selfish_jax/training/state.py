@@ -1,8 +1,8 @@
-"""What a run checkpoints: the device state (:class:`TrainState`) and the loop's
-host state (:class:`HostState`, saved as JSON beside it).
+"""What a run checkpoints: the device state (:class:`TrainState`) and the epoch
+loop's state (:class:`LoopState`, plain Python numbers saved as JSON beside it).
 
 Everything a resumed run needs to continue as if it had never stopped is in
-these two: the host state keeps even the losses of the logging interval and
+these two: the loop state keeps even the losses of the logging interval and
 the epoch in progress, so the records after a resume are the uninterrupted
 run's.
 """
@@ -70,8 +70,8 @@ def add_exactly(partials: list[float], values: Iterable[float]) -> list[float]:
 
 
 @dataclasses.dataclass
-class HostState:
-  """The loop's state kept on the host and checkpointed as JSON."""
+class LoopState:
+  """The epoch loop's state, checkpointed as JSON beside the :class:`TrainState`."""
   epoch: int = 1  # the epoch in progress
   window: int = 0  # batches of this epoch already trained
   val_losses: list = dataclasses.field(default_factory=list)  # SGD-phase history
@@ -103,7 +103,7 @@ class HostState:
     return d
 
   @classmethod
-  def from_json(cls, d: dict) -> 'HostState':
+  def from_json(cls, d: dict) -> 'LoopState':
     d = dict(d)
     d['best_val_loss'] = math.inf if d['best_val_loss'] is None else d['best_val_loss']
     if 'train_loss_sum' in d:  # written before the sum was kept exactly

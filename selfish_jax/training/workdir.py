@@ -1,5 +1,6 @@
-"""A run's workdir: its ``config.json``, shared by every process of the run, and
-the lock that lets one run at a time write it.
+"""A run's workdir: its ``config.json`` (and whether a resume may use it),
+shared by every process of the run, and the lock that lets one run at a time
+write it.
 
 Paths go through ``etils.epath`` (what orbax writes checkpoints with), so a
 workdir may be a local folder or an object-store URL (``gs://bucket/run``)
@@ -48,9 +49,35 @@ LEASE_RENEW_S = 30.0
 LEASE_EXPIRES_S = 120.0
 
 
-def as_saved(config: ml_collections.ConfigDict) -> dict:
+def as_saved(config: ml_collections.ConfigDict | dict) -> dict:
   """``config`` as ``config.json`` holds it (tuples become lists), to compare with a saved one."""
-  return json.loads(json.dumps(config.to_dict()))
+  return json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config))
+
+
+# Keys that may change when a run is resumed: they do not change its results.
+RESUMABLE_CHANGES = frozenset({'data_dir', 'download', 'download_url', 'log_every',
+                               'checkpoint_every_steps', 'num_devices'})
+
+
+def changed_keys(saved: dict, config: ml_collections.ConfigDict,
+                 may_change: frozenset[str] = frozenset()) -> list[str]:
+  """The keys, sorted, in which ``config`` differs from a saved ``config.json``
+  and that would change a run's results (neither in :data:`RESUMABLE_CHANGES`
+  nor in ``may_change``)."""
+  current = as_saved(config)
+  ignored = RESUMABLE_CHANGES | may_change
+  return sorted(k for k in set(saved) | set(current)
+                if k not in ignored and saved.get(k) != current.get(k))
+
+
+def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError if ``config`` differs from a workdir's saved config in a key that matters."""
+  changed = changed_keys(saved, config)
+  if changed:
+    current = as_saved(config)
+    details = ', '.join(f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in changed)
+    raise ConfigError(f'the workdir holds a run with a different config ({details}); '
+                      'use a new workdir or the same settings')
 
 
 def read_config(workdir: str | epath.PathLike) -> dict | None:
@@ -70,18 +97,20 @@ def read_config(workdir: str | epath.PathLike) -> dict | None:
   return saved
 
 
-def open_workdir(workdir: str, config_dict: dict, check: Callable[[dict], None]) -> None:
+def open_workdir(workdir: str, config: ml_collections.ConfigDict,
+                 check: Callable[[dict, ml_collections.ConfigDict], None] = check_resumable
+                 ) -> None:
   """Makes ``workdir`` hold this run's config, or checks the one it holds.
 
-  A new workdir gets ``config_dict`` as ``config.json`` (written by process 0);
-  an existing one is passed to ``check`` (which raises ConfigError for a
-  config that would change the results), on every process.
+  A new workdir gets ``config`` as ``config.json`` (written by process 0);
+  an existing one is passed to ``check(saved, config)`` (by default
+  :func:`check_resumable`), on every process.
   """
   path = epath.Path(workdir) / CONFIG_FILE
   if jax.process_index() == 0:
     with _writing(path):
       if not path.exists():
-        storage.write_atomically(path, json.dumps(config_dict, indent=1))
+        storage.write_atomically(path, json.dumps(as_saved(config), indent=1))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('selfish_jax: config.json written')
     seen = multihost_utils.process_allgather(np.array(path.exists()))
@@ -94,7 +123,7 @@ def open_workdir(workdir: str, config_dict: dict, check: Callable[[dict], None])
   saved = read_config(workdir)
   if saved is None:
     raise ConfigError(f'{path} could not be written')
-  check(saved)
+  check(saved, config)
 
 
 class _writing:  # pylint: disable=invalid-name
@@ -256,15 +285,19 @@ class _LeaseLock:
 
 
 class WorkdirLock:
-  """The lock of a workdir, held by process 0 of the run that writes it."""
+  """The lock of a workdir, held by process 0 of the run that writes it. A
+  workdir the lock made is removed again at release if nothing else was
+  written into it (a run refused for its data or config leaves nothing)."""
 
-  def __init__(self, lock):
-    self._lock = lock
+  def __init__(self, lock, made: epath.Path | None = None):
+    self._lock, self._made = lock, made
 
   def release(self) -> None:
     if self._lock is not None:
       self._lock.release()
       self._lock = None
+      if self._made is not None and not any(self._made.iterdir()):
+        self._made.rmdir()
 
 
 def lock_workdir(workdir: str) -> WorkdirLock:
@@ -274,10 +307,12 @@ def lock_workdir(workdir: str) -> WorkdirLock:
   Raises:
     WorkdirError: another run holds it (on every process of this run).
   """
-  lock, holder = None, None
+  lock, holder, made = None, None, None
   if jax.process_index() == 0:
     path = epath.Path(workdir) / LOCK_FILE
     with _writing(path):
+      if not storage.is_object_store(workdir) and not path.parent.exists():
+        made = path.parent
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       lock = (_LeaseLock if storage.is_object_store(workdir) else _FileLock)(os.fspath(path))
       holder = lock.acquire()
@@ -289,4 +324,4 @@ def lock_workdir(workdir: str) -> WorkdirLock:
     raise WorkdirError(f'{workdir} is in use by another run ('
                        + (_describe(holder) if jax.process_index() == 0 else 'process 0 says which')
                        + '); wait for it to end, or use another workdir')
-  return WorkdirLock(lock)
+  return WorkdirLock(lock, made)

@@ -1,4 +1,7 @@
-"""Pure train/eval steps of language models (jitted by the caller)."""
+"""A language model's pure functions (jitted by the caller): the loss of a BPTT
+window, its gradient (the one a sparse train step applies,
+:meth:`selfish_jax.training.core.SparseTraining.train_step`), and the
+evaluation of a whole split."""
 
 from __future__ import annotations
 
@@ -7,14 +10,12 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from selfish_jax.data.batching import Windows
 from selfish_jax import models
 from selfish_jax.models import layers
 from selfish_jax.training import parallel
-from selfish_jax.training.state import TrainState
 
 PyTree = Any
 
@@ -107,43 +108,6 @@ def make_grad_fn(model: nn.Module, mesh: Mesh | None = None, groups: int = 0) ->
   batch = PartitionSpec(parallel.DATA_AXIS)
   return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), batch, batch, PartitionSpec()),
                        out_specs=(PartitionSpec(), batch, PartitionSpec()), check_vma=False)
-
-
-def make_train_step(grad_fn: GradFn, tx: optax.GradientTransformationExtraArgs
-                    ) -> Callable[..., tuple]:
-  """``train_step(state, window, dropout_key, lr_factor=1.0) -> (state, loss)``; jit it
-  at the call site.
-
-  ``grad_fn`` comes from :func:`make_grad_fn`. The dropout key of step ``s``
-  is ``fold_in(dropout_key, s)``, so a resumed run draws the same dropout
-  masks as an uninterrupted one. (The key is an argument, not a constant of
-  the program, so runs that differ only in their seed share compilations.)
-  ``lr_factor`` reaches the optimizer as an extra argument (see
-  :func:`selfish_jax.optim.scale_by_lr_factor`): variable-length BPTT scales
-  each step's learning rate by its window's length.
-
-  When ``state.gradients`` is not None the step stores its gradient there
-  (the mean NLL's plus the penalties', on the carried state and with this
-  step's dropout): the scores of a gradient-growth update that follows, with
-  no second gradient pass. It is stored before clipping: the clip multiplies
-  every gradient by one positive scalar and rounding is monotone, so the
-  order of magnitudes inside a matrix, which is all a growth ranks, stays
-  (at most two nearly equal values become a tie).
-  """
-
-  def train_step(state: TrainState, window: Windows, dropout_key: jax.Array,
-                 lr_factor: jax.Array | float = 1.0):
-    key = jax.random.fold_in(dropout_key, state.step)
-    loss, carry, grads = grad_fn(state.params, state.carry, window, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks,
-                                   lr_factor=lr_factor)
-    params = optax.apply_updates(state.params, updates)
-    carry = jax.lax.stop_gradient(carry)
-    kept = None if state.gradients is None else grads
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         carry=carry, gradients=kept), loss
-
-  return train_step
 
 
 def make_evaluate(model: nn.Module, batch_size: int) -> Callable[[PyTree, Windows], jax.Array]:

@@ -26,8 +26,9 @@ from selfish_jax.data import documents as documents_lib
 from selfish_jax.errors import ConfigError
 from selfish_jax.models.classifier import LSTMClassifier
 from selfish_jax.training import metrics
-from selfish_jax.training.core import SparseTraining
+from selfish_jax.training.core import TrainStep
 from selfish_jax.training.loop import Run
+from selfish_jax.training.setup import run_task
 from selfish_jax.training.state import TrainState
 
 
@@ -133,33 +134,36 @@ class Classification:
                                 config.nhid, config.nlayers, config.dropout, config.pooling)
     self.description = (f'{config.nlayers}x{config.nhid} LSTM classifier on {config.corpus} '
                         f'({len(splits["train"].classes)} classes), optimizer {config.optimizer}')
+    self.gate_layout = self.model.gate_layout
 
   def init_params(self, key: jax.Array):
     return jax.jit(lambda k: self.model.init(
         k, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)), train=False)['params'])(key)
 
-  def compile(self, tx, dropout_key: jax.Array) -> None:
+  def grad_fn(self, params, carry, batch, key):
+    """The mean cross-entropy of a batch of documents and its gradient (no carry)."""
+    ids, weights, labels = batch
+    mean = lambda p: jnp.mean(_cross_entropy(self.model, p, ids, weights, labels, True, key)[0])
+    loss, grads = jax.value_and_grad(mean)(params)
+    return loss, carry, grads
+
+  def initial_carry(self):
+    return ()
+
+  def place(self, state: TrainState) -> TrainState:
+    return state
+
+  def compile(self, train_step: TrainStep, dropout_key: jax.Array) -> None:
     model = self.model
-
-    def loss_and_grads(params, ids, weights, labels, key):
-      mean = lambda p: jnp.mean(_cross_entropy(model, p, ids, weights, labels, True, key)[0])
-      return jax.value_and_grad(mean)(params)
-
-    @jax.jit
-    def train_step(state, ids, weights, labels):
-      loss, grads = loss_and_grads(state.params, ids, weights, labels,
-                                   jax.random.fold_in(dropout_key, state.step))
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, masks=state.masks)
-      return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                           opt_state=opt_state,
-                           gradients=None if state.gradients is None else grads), loss
+    step = jax.jit(train_step)
+    self._train_step = lambda state, batch: step(state, batch, dropout_key)
 
     @jax.jit
     def evaluate_batch(params, ids, weights, labels):
       nll, logits = _cross_entropy(model, params, ids, weights, labels, False)
       return jnp.sum(nll), jnp.sum(jnp.argmax(logits, -1) == labels)
 
-    self._train_step, self._evaluate_batch = train_step, evaluate_batch
+    self._evaluate_batch = evaluate_batch
 
   # The Task protocol.
 
@@ -172,7 +176,7 @@ class Classification:
     return state
 
   def train_step(self, state, batch):
-    return self._train_step(state, *batch)
+    return self._train_step(state, batch)
 
   def evaluate(self, weights) -> tuple[float, dict]:
     total_nll, correct = 0.0, 0
@@ -189,6 +193,20 @@ class Classification:
             f'{fields["held_out_accuracy"]:.4f}')
 
 
+  def final_record(self, run: Run) -> dict:
+    """The best and the final held-out accuracy, the density and the parameters."""
+    accuracies = [r['held_out_accuracy']
+                  for r in metrics.read_records(run.workdir, metrics.EPOCH)]
+    state = run.state
+    final = {'best_accuracy': max(accuracies, default=0.0),
+             'final_accuracy': accuracies[-1] if accuracies else None,
+             'density': sparsity.summarize(state.masks)['density'],
+             'params': sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks))}
+    logging.info('| end of training | best held-out accuracy %.4f | final %.4f',
+                 final['best_accuracy'], final['final_accuracy'])
+    return final
+
+
 def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as ``config`` says; resumes from ``workdir``.
 
@@ -196,21 +214,4 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The final record: best and final held-out accuracy, density, parameters.
   """
   validate_classification(config)
-  task = Classification(config)
-  init_key, mask_key, dropout_key, topology_key = jax.random.split(jax.random.key(config.seed), 4)
-  core = SparseTraining.from_config(config, task.steps_per_epoch, topology_key,
-                                    task.model.gate_layout)
-  state = core.init_state(task.init_params(init_key), mask_key)
-  task.compile(core.tx, dropout_key)
-  with Run(config, workdir, core, state, description=task.description) as run:
-    run.train(task)
-    accuracies = [r['held_out_accuracy'] for r in metrics.read_records(workdir, metrics.EPOCH)]
-    state = run.state
-    final = run.finish({'best_accuracy': max(accuracies, default=0.0),
-                        'final_accuracy': accuracies[-1] if accuracies else None,
-                        'density': sparsity.summarize(state.masks)['density'],
-                        'params': sparsity.host_numbers(
-                            sparsity.parameter_count(state.params, state.masks))})
-  logging.info('| end of training | best held-out accuracy %.4f | final %.4f',
-               final['best_accuracy'], final['final_accuracy'])
-  return final
+  return run_task(config, workdir, lambda: Classification(config))

@@ -1,17 +1,17 @@
 """``train_and_evaluate``: language modelling with Selfish-RNN and SNT-ASGD.
 
 The task's own parts: the corpus cut into BPTT windows (variable BPTT drawn per
-epoch from the seed), the model, the sharded train step and the evaluation on
-the validation and test splits. The epochs (switch, topology updates, best
-weights, checkpoints, resume, preemption) are the shared
-:class:`~selfish_jax.training.loop.Run`; after the last epoch the best weights
-are tested.
+epoch from the seed), the model, its gradient (the core applies it as a
+sparse step), the step jitted over the mesh and the evaluation on the
+validation and test splits. The run setup, epochs, switch, topology updates,
+checkpoints and preemption are shared (:func:`selfish_jax.training.setup.run_task`);
+after the last epoch the best weights are tested.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -22,9 +22,11 @@ from selfish_jax import config as config_lib
 from selfish_jax import flops, models, sparsity
 from selfish_jax.data import Corpus, batchify, batching, load_corpus
 from selfish_jax.errors import DataError
-from selfish_jax.training import parallel, steps
-from selfish_jax.training.core import SparseTraining
+from selfish_jax.training import language_model_steps as lm_steps
+from selfish_jax.training import parallel
+from selfish_jax.training.core import TrainStep
 from selfish_jax.training.loop import Run, Start, perplexity
+from selfish_jax.training.setup import run_task
 from selfish_jax.training.state import TrainState
 
 PyTree = Any
@@ -63,16 +65,21 @@ def _columns(corpus: Corpus, split: str, key: str, batch_size: int,
   return batchify(tokens, batch_size)
 
 
-def initial_state(core: SparseTraining, model: models.LanguageModel, batch_size: int,
-                  init_key: jax.Array) -> TrainState:
-  """A language model's fresh state: its initial params masked by the core, a zero carry."""
-  params_key, mask_key = jax.random.split(init_key)
-  return core.init_state(models.init_params(model, params_key), mask_key,
-                         model.initial_carry(batch_size))
+def jit_train_step(train_step: TrainStep, mesh: jax.sharding.Mesh,
+                   state_sharding: PyTree) -> Callable:
+  """``train_step`` (the core's sparse step of a language model's gradient)
+  jitted data parallel over ``mesh``: the state donated and kept in
+  ``state_sharding``, the window split by rows. What training and
+  ``benchmarks.step`` run."""
+  batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(state_sharding, batch, replicated, replicated),
+                 out_shardings=(state_sharding, replicated))
 
 
 class LanguageModelling:
-  """The language-modelling task of ``config`` on one mesh: what :class:`Run` trains."""
+  """The language-modelling task of ``config`` on one mesh: what the run setup
+  and :class:`Run` train (:class:`~selfish_jax.training.setup.RunTask`)."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config = config
@@ -102,30 +109,33 @@ class LanguageModelling:
     self.model = models.build_model(config, corpus.vocab_size, mesh.devices.size)
     self.description = (f'{config.model} language model on {config.dataset} '
                         f'({config.nlayers} layers of {config.nhid}), optimizer {config.optimizer}')
+    self.gate_layout = self.model.gate_layout
+    self.grad_fn = lm_steps.make_grad_fn(self.model, mesh, config.gradient_groups)
+
+  def init_params(self, key: jax.Array) -> PyTree:
+    return models.init_params(self.model, key)
+
+  def initial_carry(self) -> PyTree:
+    return self.model.initial_carry(self.config.batch_size)
+
+  def place(self, state: TrainState) -> TrainState:
+    """The state on the mesh: replicated params, the carry split by rows."""
+    self.state_sharding = parallel.train_state_sharding(self.mesh, state)
+    return jax.device_put(state, self.state_sharding)
+
+  def compile(self, train_step: TrainStep, dropout_key: jax.Array) -> None:
+    """Jits the train step and the evaluations (after :meth:`place`)."""
+    step = jit_train_step(train_step, self.mesh, self.state_sharding)
+    self._train_step = lambda state, batch: step(state, batch[0], dropout_key, batch[1])
+    self._evaluate = jax.jit(lm_steps.make_evaluate(self.model, self.config.eval_batch_size))
+    self._evaluate_test = (
+        self._evaluate if self.test_batch_size == self.config.eval_batch_size
+        else jax.jit(lm_steps.make_evaluate(self.model, self.test_batch_size)))
 
   def _limit(self, num_windows: int) -> int:
     if self.config.max_steps_per_epoch:
       return min(num_windows, self.config.max_steps_per_epoch)
     return num_windows
-
-  def initial_state(self, core: SparseTraining, init_key: jax.Array) -> TrainState:
-    """The fresh state, placed on the mesh (replicated params, carry split by rows)."""
-    state = initial_state(core, self.model, self.config.batch_size, init_key)
-    self.state_sharding = parallel.train_state_sharding(self.mesh, state)
-    return jax.device_put(state, self.state_sharding)
-
-  def compile(self, tx, dropout_key: jax.Array) -> None:
-    """Jits the train step and the evaluations (after :meth:`initial_state`)."""
-    grad_fn = steps.make_grad_fn(self.model, self.mesh, self.config.gradient_groups)
-    step = jax.jit(steps.make_train_step(grad_fn, tx), donate_argnums=0,
-                   in_shardings=(self.state_sharding, self.batch_sharded, self.replicated,
-                                 self.replicated),
-                   out_shardings=(self.state_sharding, self.replicated))
-    self._train_step = lambda state, batch: step(state, batch[0], dropout_key, batch[1])
-    self._evaluate = jax.jit(steps.make_evaluate(self.model, self.config.eval_batch_size))
-    self._evaluate_test = (
-        self._evaluate if self.test_batch_size == self.config.eval_batch_size
-        else jax.jit(steps.make_evaluate(self.model, self.test_batch_size)))
 
   # The Task protocol.
 
@@ -159,47 +169,41 @@ class LanguageModelling:
   def test(self, weights: PyTree) -> float:
     return float(self._evaluate_test(weights, self.test_windows))
 
+  def final_record(self, run: Run) -> dict:
+    """The best weights' test loss, the best validation loss, the parameters and
+    the training FLOPs relative to dense."""
+    test_loss = self.test(run.best_weights())
+    state, uses = run.state, self.model.weight_uses
+    dense_forward = flops.forward_flops_per_token(state.params,
+                                                  sparsity.dense_masks(state.params), uses)
+    sparse_forward = flops.forward_flops_per_token(state.params, state.masks, uses)
+    best_val_loss = run.loop.best_val_loss
+    logging.info('| end of training | test loss %5.2f | test ppl %8.2f | best valid ppl %8.2f',
+                 test_loss, perplexity(test_loss), perplexity(best_val_loss))
+    return {'test_loss': test_loss, 'test_ppl': perplexity(test_loss),
+            'best_val_loss': best_val_loss, 'best_val_ppl': perplexity(best_val_loss),
+            'density': sparsity.summarize(state.masks)['density'],
+            'params': sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks)),
+            'train_flops_relative': flops.train_flops_relative(
+                run.core.method, sparse_forward, dense_forward,
+                self.config.num_epochs * self.steps_per_epoch)}
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        start: Start | None = None) -> dict:
   """Trains, validates and tests as ``config`` says; resumes from ``workdir``.
 
   Every program is traced under ``config.matmul_precision``. ``start`` gives a
-  new run another starting point (see :class:`~selfish_jax.training.loop.Run`).
+  new run another starting point (see :class:`~selfish_jax.training.loop.Start`).
 
   Returns:
     The final record: best validation and test perplexity, and more.
 
   Raises:
-    Preempted: SIGTERM arrived; the state of the step it was noticed at is saved.
+    Preempted: SIGTERM or Ctrl-C arrived; the state of the step it was noticed
+      at is saved.
   """
   config_lib.validate(config)
   with jax.default_matmul_precision(config.matmul_precision):
-    task = LanguageModelling(config, parallel.make_mesh(config.num_devices))
-    # (A fourth key once drew the dropout of a separate gradient pass; the split
-    # stays 4-way so the other keys, and every result, stay the same.)
-    init_key, dropout_key, topology_key, _ = jax.random.split(jax.random.key(config.seed), 4)
-    core = SparseTraining.from_config(config, task.steps_per_epoch, topology_key,
-                                      task.model.gate_layout)
-    state = task.initial_state(core, init_key)
-    task.compile(core.tx, dropout_key)
-    with Run(config, workdir, core, state, description=task.description, start=start) as run:
-      run.train(task)
-      test_loss = task.test(run.best_weights())
-      state = run.state
-      dense_forward = flops.forward_flops_per_token(
-          state.params, sparsity.dense_masks(state.params), task.model.weight_uses)
-      sparse_forward = flops.forward_flops_per_token(state.params, state.masks,
-                                                     task.model.weight_uses)
-      final = run.finish({
-          'test_loss': test_loss, 'test_ppl': perplexity(test_loss),
-          'best_val_loss': run.host.best_val_loss,
-          'best_val_ppl': perplexity(run.host.best_val_loss),
-          'density': sparsity.summarize(state.masks)['density'],
-          'params': sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks)),
-          'train_flops_relative': flops.train_flops_relative(
-              core.method, sparse_forward, dense_forward,
-              config.num_epochs * task.steps_per_epoch)})
-    logging.info('| end of training | test loss %5.2f | test ppl %8.2f | best valid ppl %8.2f',
-                 test_loss, final['test_ppl'], final['best_val_ppl'])
-    return final
+    return run_task(config, workdir, lambda: LanguageModelling(
+        config, parallel.make_mesh(config.num_devices)), start)

@@ -1,4 +1,4 @@
-"""host.retain_freed_memory: large freed blocks stay in the heap for reuse."""
+"""malloc_tuning.retain_freed_memory: large freed blocks stay in the heap for reuse."""
 
 import os
 import platform
@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # it was live and the free bytes kept in the heap after it was freed.
 SCRIPT = textwrap.dedent('''
     import ctypes, sys
-    from selfish_jax import host
+    from selfish_jax import malloc_tuning
     if sys.argv[1] == 'retain':
-      assert host.retain_freed_memory()
+      assert malloc_tuning.retain_freed_memory()
     class Mallinfo2(ctypes.Structure):
       _fields_ = [(name, ctypes.c_size_t) for name in (
           'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',

@@ -1,4 +1,4 @@
-"""Settings of the host process that training speed depends on."""
+"""glibc malloc settings of the training process that its speed depends on."""
 
 from __future__ import annotations
 
