@@ -37,20 +37,24 @@ def _paired_leaves(masks_a: Masks, masks_b: Masks) -> list[tuple[str, jax.Array,
           if a is not None and b is not None]
 
 
-def _distance(a: jax.Array, b: jax.Array) -> jax.Array:
-  """``|A xor B| / (|A| + |B|)`` (0 when both are empty)."""
-  total = jnp.sum(a, dtype=jnp.int32) + jnp.sum(b, dtype=jnp.int32)
-  differ = jnp.sum(a ^ b, dtype=jnp.int32)
-  return jnp.where(total > 0, differ / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+def topology_distance_counts(masks_a: Masks, masks_b: Masks
+                             ) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Per leaf ``(|A xor B|, |A| + |B|)`` (int32): :func:`topology_distance`'s
+  terms, for a ratio taken on the host in float64 (a run's records)."""
+  return {name: (jnp.sum(a ^ b, dtype=jnp.int32),
+                 jnp.sum(a, dtype=jnp.int32) + jnp.sum(b, dtype=jnp.int32))
+          for name, a, b in _paired_leaves(masks_a, masks_b)}
 
 
 def topology_distance(masks_a: Masks, masks_b: Masks) -> dict[str, jax.Array]:
   """Per-leaf normalised Hamming distance of two topologies.
 
-  ``|A xor B| / (|A| + |B|)``: 0 for identical masks, 1 for disjoint ones, the
-  measure used to compare the connectivity of runs and epochs.
+  ``|A xor B| / (|A| + |B|)``: 0 for identical masks, 1 for disjoint ones (0
+  when both are empty), the measure used to compare the connectivity of runs
+  and epochs.
   """
-  return {name: _distance(a, b) for name, a, b in _paired_leaves(masks_a, masks_b)}
+  return {name: jnp.where(total > 0, differ / jnp.maximum(total, 1), 0.0).astype(jnp.float32)
+          for name, (differ, total) in topology_distance_counts(masks_a, masks_b).items()}
 
 
 def pairwise_topology_distance(masks: Masks) -> dict[str, jax.Array]:

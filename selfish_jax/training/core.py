@@ -84,7 +84,7 @@ class SparseTraining:
     # One program over all matrices, donating the params so XLA updates them in place.
     self._update = jax.jit(method.update, donate_argnums=0) if method.update else None
     self._union = jax.jit(sparsity.union_masks)
-    self._distance = jax.jit(sparsity.topology_distance)
+    self._distance_counts = jax.jit(sparsity.distance.topology_distance_counts)
     self.eval_weights = jax.jit(lambda state: optim.averaged_params(
         state.opt_state, state.params, state.masks))
 
@@ -169,7 +169,9 @@ class SparseTraining:
       return state, {}
     before = state.masks
     state = self.change_topology(state, jax.random.fold_in(self.topology_key, epoch))
-    return state, sparsity.host_numbers(self._distance(before, state.masks))
+    counts = jax.device_get(self._distance_counts(before, state.masks))
+    return state, {name: int(differ) / int(total) if total else 0.0
+                   for name, (differ, total) in counts.items()}
 
   def end_epoch(self, state: TrainState, val_losses: Sequence[float], epoch: int, step: int,
                 val_loss: float) -> tuple[TrainState, EpochEnd]:
