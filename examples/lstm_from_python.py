@@ -54,7 +54,7 @@ def main(steps: int = 60, vocab: int = 50) -> dict:
     updates, opt_state = tx.update(grads, opt_state, params, masks=masks)
     return optax.apply_updates(params, updates), opt_state, nll
 
-  evaluate = jax.jit(lambda p: models.weighted_nll_sum(
+  evaluate = jax.jit(lambda p: models.eval_nll_sum(
       model, p, inputs, model.initial_carry(8), targets, weights)[0] / jnp.sum(weights))
   before = float(evaluate(params))
   gates_before = sparsity.host_numbers(sparsity.gate_densities(masks, model.gate_layout))

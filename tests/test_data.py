@@ -137,8 +137,9 @@ def test_download_with_bad_checksum_leaves_nothing_behind(tmp_path, http_server)
   cache = tmp_path / 'cache'
   with pytest.raises(DataError, match='checksum mismatch for download'):
     load_corpus('ptb', str(cache), base_url=url)
-  folder = cache / 'ptb'
-  assert not folder.exists() or not list(folder.iterdir())  # no file, no temporary file
+  # The checksum is checked before anything is written: no file, no temporary
+  # file, not even the folder.
+  assert not (cache / 'ptb').exists()
 
 
 def test_download_failure_is_a_clear_error(tmp_path, http_server):

@@ -155,7 +155,7 @@ def test_forward_and_gradient_match_an_independent_reference(model):
   logits, _ = models.logits(net, params, tokens, carry)
   np.testing.assert_allclose(_nll(logits.reshape(-1, VOCAB), targets.reshape(-1)),
                              want.reshape(-1), rtol=2e-5, atol=2e-5)
-  ours = jax.grad(lambda p: models.weighted_nll_sum(net, p, tokens, carry, targets,
+  ours = jax.grad(lambda p: models.eval_nll_sum(net, p, tokens, carry, targets,
                                                    weights)[0])(params)
   reference = jax.grad(lambda p: jnp.sum(weights * REFERENCES[model](p, tokens, targets)[0]))(
       params)
@@ -281,8 +281,8 @@ def test_padding_holds_the_state_of_every_family(model):
   tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, VOCAB)
   weights = jnp.ones((2, 6)).at[:, 4:].set(0.0)
   carry = net.initial_carry(2)
-  _, padded = models.weighted_nll_sum(net, params, tokens, carry, tokens, weights)
-  _, short = models.weighted_nll_sum(net, params, tokens[:, :4], carry, tokens[:, :4],
+  _, padded = models.eval_nll_sum(net, params, tokens, carry, tokens, weights)
+  _, short = models.eval_nll_sum(net, params, tokens[:, :4], carry, tokens[:, :4],
                                      weights[:, :4])
   for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(short)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

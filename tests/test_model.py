@@ -119,7 +119,7 @@ def test_fused_loss_gradient_equals_plain_autodiff(chunk_rows):
     return jnp.sum(nll * weights)
 
   def fused_loss(p):
-    return models.weighted_nll_sum(fused, p, tokens, carry, targets, weights)[0]
+    return models.eval_nll_sum(fused, p, tokens, carry, targets, weights)[0]
 
   np.testing.assert_allclose(fused_loss(params), plain_loss(params), rtol=1e-6)
   g_fused = jax.grad(lambda p: 2.5 * fused_loss(p))(params)  # a cotangent other than 1
@@ -147,7 +147,7 @@ def test_fused_loss_in_bfloat16_gives_float32_gradients_close_to_plain():
     model = lstm.StackedLSTMLM(vocab_size=50, emsize=12, nhid=12, nlayers=1,
                                compute_dtype=jnp.bfloat16, loss_chunk_rows=rows)
     params = model.init(jax.random.key(0), tokens, model.initial_carry(2), train=False)['params']
-    grads[rows] = jax.grad(lambda p, model=model: models.weighted_nll_sum(
+    grads[rows] = jax.grad(lambda p, model=model: models.eval_nll_sum(
         model, p, tokens, model.initial_carry(2), tokens, weights)[0])(params)
   for fused, plain in zip(jax.tree.leaves(grads[4]), jax.tree.leaves(grads[0])):
     assert fused.dtype == jnp.float32

@@ -26,8 +26,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
+MAIN = ('-m', 'experiments.main')
+
+
 def _args(workdir, data_dir, steps=10):
-  return ['-m', 'experiments.main', '--config=experiments/configs/ptb_lstm_small.py',
+  """experiments.main's flags of a 2-epoch run."""
+  return ['--config=experiments/configs/ptb_lstm_small.py',
           f'--workdir={workdir}', '--config.dataset=text', f'--config.data_dir={data_dir}',
           '--config.download=False', '--config.emsize=16', '--config.nhid=16',
           '--config.batch_size=4', '--config.eval_batch_size=16', '--config.bptt=5',
@@ -50,11 +54,29 @@ class Process:
     return self.popen.returncode, open(self.log).read()
 
 
-def _start_processes(workdirs, data_dir, steps=10, extra=()):
+# experiments.main, each process SIGKILLing itself right after training step $KILL_AT_STEP.
+_KILLED_AT_A_STEP = """
+import os, runpy, signal, sys
+from selfish_jax.training import preemption
+reached = preemption.StopWatch.reached
+def reached_or_killed(self, step):
+  if step == int(os.environ['KILL_AT_STEP']):
+    os.kill(os.getpid(), signal.SIGKILL)
+  return reached(self, step)
+preemption.StopWatch.reached = reached_or_killed
+sys.argv[0] = 'experiments.main'
+runpy.run_module('experiments.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def _start_processes(workdirs, data_dir, steps=10, extra=(), kill_at_step=None):
   port = _free_port()
-  return [Process([sys.executable, *_args(workdir, data_dir, steps), '--distributed',
+  python = (sys.executable, *MAIN) if kill_at_step is None else (
+      sys.executable, '-c', _KILLED_AT_A_STEP)
+  env = ENV if kill_at_step is None else {**ENV, 'KILL_AT_STEP': str(kill_at_step)}
+  return [Process([*python, *_args(workdir, data_dir, steps), '--distributed',
                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                   f'--process_id={i}', *extra], f'{workdir}.{i}.{port}.log')
+                   f'--process_id={i}', *extra], f'{workdir}.{i}.{port}.log', env)
           for i, workdir in enumerate(workdirs)]
 
 
@@ -81,7 +103,7 @@ def _wait_for_step(workdir, step, processes, timeout=240):
 @pytest.fixture(scope='module')
 def one_process_two_devices(text_corpus_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('single')
-  done = subprocess.run([sys.executable, *_args(workdir, text_corpus_dir)], cwd=ROOT,
+  done = subprocess.run([sys.executable, *MAIN, *_args(workdir, text_corpus_dir)], cwd=ROOT,
                         env={**ENV, 'XLA_FLAGS': ' '.join([  # the same compiler options as the
                             ENV.get('XLA_FLAGS', ''),      # processes below, and 2 devices
                             '--xla_force_host_platform_device_count=2'])},
@@ -103,16 +125,17 @@ def test_two_processes_train_as_one_process_with_two_devices(one_process_two_dev
 def test_killed_processes_resume_to_the_same_run(one_process_two_devices, text_corpus_dir,
                                                  tmp_path):
   workdir = tmp_path / 'run'
-  processes = _start_processes([workdir] * 2, text_corpus_dir)
-  _wait_for_step(workdir, 15, processes)  # epoch 2, past its checkpoint at step 14
-  for p in processes:
-    p.popen.send_signal(signal.SIGKILL)
-    p.popen.wait()
+  # Both processes kill -9 themselves right after step 15 (epoch 2, past its
+  # checkpoint at step 14): a mid-run kill at a chosen step, not a race.
+  for p in _start_processes([workdir] * 2, text_corpus_dir, kill_at_step=15):
+    status, stderr = p.finish()
+    assert status == -signal.SIGKILL, stderr[-3000:]
+  assert max(r['step'] for r in _records(workdir)) == 15
   processes = _start_processes([workdir] * 2, text_corpus_dir)
   for p in processes:
     status, stderr = p.finish()
     assert status == 0, stderr[-3000:]
-  assert 'Resumed from' in stderr
+  assert 'Resumed from' in stderr and 'at step 14 (epoch 2, window 4)' in stderr
   final = _records(workdir)[-1]
   assert final == one_process_two_devices[-1]
 
@@ -148,7 +171,7 @@ def test_a_sweep_runs_on_two_processes_in_a_bucket(one_process_two_devices, gcs,
                                                    text_corpus_dir, tmp_path):
   # A pod's sweep: its workdir on gs://, checkpoints written by both processes.
   port = _free_port()
-  config_args = [a for a in _args(tmp_path, text_corpus_dir)[2:] if a.startswith('--config')]
+  config_args = [a for a in _args(tmp_path, text_corpus_dir) if a.startswith('--config')]
   sweep = f'{tmp_path.name}/sweep'
   processes = [Process([sys.executable, '-m', 'experiments.compare', *config_args,
                         f'--workdir=gs://{fake_gcs.BUCKET}/{sweep}', '--methods=selfish',

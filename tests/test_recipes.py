@@ -42,7 +42,7 @@ def test_test_batch_size_carries_one_state_through_the_test_text(text_corpus_dir
   manager = ocp.CheckpointManager(str(tmp_path / 'one' / 'best'))
   params = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
   tokens = jnp.asarray(corpus.test, jnp.int32)[None]
-  nll, _ = models.weighted_nll_sum(model, params, tokens[:, :-1], model.initial_carry(1),
+  nll, _ = models.eval_nll_sum(model, params, tokens[:, :-1], model.initial_carry(1),
                                    tokens[:, 1:], jnp.ones_like(tokens[:, 1:], jnp.float32))
   assert final['test_loss'] == pytest.approx(float(nll) / (tokens.shape[1] - 1), rel=1e-5)
   config.test_batch_size = 0  # the eval batch of 16 cuts the text into 16 streams

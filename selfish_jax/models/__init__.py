@@ -7,7 +7,7 @@
 
 from selfish_jax.models.interface import (FAMILIES, MODELS, LanguageModel, OutputHead,
                                           build_model, check_model_config, family_defaults,
-                                          init_params, logits, token_nll, weighted_nll_sum)
+                                          eval_nll_sum, init_params, logits, token_nll)
 from selfish_jax.models.lstm import LSTM_GATES, LSTMLayer, StackedLSTMLM
 from selfish_jax.models.mos import AWDLSTMMoSLM
 from selfish_jax.models.onlstm import ONLSTM_GATES, ONLSTMLM
@@ -16,6 +16,6 @@ from selfish_jax.models.softmax import SoftmaxHead, softmax_nll
 
 __all__ = ['FAMILIES', 'MODELS', 'LanguageModel', 'OutputHead', 'build_model',
            'check_model_config', 'family_defaults', 'init_params', 'logits', 'token_nll',
-           'weighted_nll_sum',
+           'eval_nll_sum',
            'SoftmaxHead', 'LSTM_GATES', 'LSTMLayer', 'StackedLSTMLM',
            'AWDLSTMMoSLM', 'ONLSTM_GATES', 'ONLSTMLM', 'RHN_GATES', 'RHNLM', 'softmax_nll']

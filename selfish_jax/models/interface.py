@@ -44,7 +44,7 @@ class LanguageModel(Protocol):
   Every ``ndim >= 2`` parameter is a weight matrix the sparse methods mask;
   gates of one matrix are fused into one kernel, described by
   :meth:`gate_layout`. Callers use the entry points :func:`logits`,
-  :func:`token_nll` and :func:`weighted_nll_sum` (or apply the module and ask
+  :func:`token_nll` and :func:`eval_nll_sum` (or apply the module and ask
   its head).
   """
 
@@ -132,8 +132,8 @@ def token_nll(model: LanguageModel, params: PyTree, tokens: jax.Array, carry: Py
   return head.token_nll(targets), carry
 
 
-def weighted_nll_sum(model: LanguageModel, params: PyTree, tokens: jax.Array, carry: PyTree,
-                     targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, PyTree]:
+def eval_nll_sum(model: LanguageModel, params: PyTree, tokens: jax.Array, carry: PyTree,
+                 targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, PyTree]:
   """``(sum(weights * NLL), carry)`` in evaluation mode, the state held through
   steps of weight 0 (the training step applies the model itself, with dropout
   and penalties)."""

@@ -40,7 +40,7 @@ def chunk_steps(steps: int, batch: int, target_rows: int) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def weighted_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
+def chunked_softmax_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
                      targets: jax.Array, weights: jax.Array, steps_per_chunk: int) -> jax.Array:
   """``sum(weights * softmax_nll(...))`` over time-major ``features [T, B, H]``.
 
@@ -102,7 +102,7 @@ def _weighted_nll_sum_bwd(steps_per_chunk, grads, cotangent):
   return d_features, d_kernel, d_bias, None, None
 
 
-weighted_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
+chunked_softmax_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
 
 
 @flax.struct.dataclass
@@ -128,10 +128,10 @@ class SoftmaxHead:
 
   def weighted_nll_sum(self, targets: jax.Array, weights: jax.Array) -> jax.Array:
     """``sum(weights * nll)`` over ``[B, T]``, its gradient fused into chunks of
-    ``loss_chunk_rows`` rows (see :func:`weighted_nll_sum`)."""
+    ``loss_chunk_rows`` rows (see :func:`chunked_softmax_nll_sum`)."""
     steps, batch = self.features.shape[:2]
     weights = weights.T.astype(jnp.float32)
     if self.loss_chunk_rows > 0:
-      return weighted_nll_sum(self.features, self.kernel, self.bias, targets.T, weights,
+      return chunked_softmax_nll_sum(self.features, self.kernel, self.bias, targets.T, weights,
                               chunk_steps(steps, batch, self.loss_chunk_rows))
     return _plain_weighted_nll_sum(self.features, self.kernel, self.bias, targets.T, weights)

@@ -29,7 +29,7 @@ def window_loss(model: nn.Module, params: PyTree, carry: PyTree, window: Windows
   models without, and at evaluation).
   """
   if not train:
-    nll, carry = models.weighted_nll_sum(model, params, window.inputs, carry, window.targets,
+    nll, carry = models.eval_nll_sum(model, params, window.inputs, carry, window.targets,
                                          window.weights)
     return nll, jnp.float32(0.0), carry
   (head, carry), collections = model.apply(
