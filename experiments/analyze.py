@@ -46,7 +46,7 @@ def load_run(workdir: str) -> dict:
 
 def _final_masks(workdir: str):
   from selfish_jax.training.checkpoint import Checkpoints
-  checkpoints = Checkpoints(workdir)
+  checkpoints = Checkpoints(workdir, read_only=True)
   try:
     return checkpoints.latest_masks()
   finally:

@@ -81,9 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
     c[key] = value
   c.compute_dtype = 'float32'
   # Rows per device per chunk of the fused softmax-loss gradient (0: plain
-  # autodiff). 700 is one chunk for batch 20 x bptt 35: on the 2-core CPU the
-  # 2x200 step took 63.8 ms against 69.9 ms at 128 rows (2x1500: 1,051 against
-  # 1,117 ms), larger matmuls outweighing the cache. MoS configs keep 128: its
+  # autodiff). 700 is one chunk for batch 20 x bptt 35: on the CPU larger
+  # matmuls outweigh the cache (RESULTS.md, Speed). MoS configs keep 128: its
   # tile is rows x experts x vocab.
   c.loss_chunk_rows = 700
   # Precision of float32 matrix products (jax.default_matmul_precision):

@@ -19,9 +19,8 @@ def retain_freed_memory(threshold_bytes: int = (1 << 31) - 1) -> bool:
   for a thread's arena (64 MiB heaps) are always mmapped, so every train step
   page-faulted its large buffers in again, zero-filled by the kernel. This
   raises the mmap and trim thresholds and keeps all threads on the main arena,
-  so freed blocks stay in the heap for reuse. Page faults per step went from
-  14,000 / 58,000 / 194,000 (2x200 / 2x650 / 2x1500 LSTM) to 0 / 0 / ~10,000,
-  and the 2x650 step from 289 to 240 ms; the cost is that the process keeps its
+  so freed blocks stay in the heap for reuse (the page faults and step times
+  it saved are in RESULTS.md, Speed); the cost is that the process keeps its
   peak memory.
 
   Call it once at start-up, before the first large allocation. Returns whether

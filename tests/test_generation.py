@@ -56,8 +56,17 @@ def test_generate_cli_continues_a_prompt_from_a_finished_run(text_corpus_dir, tm
   generated = result.stdout[len('w1 w2 zzzunknownword '):]
   # Every token is a word or, for <eos>, a line break (print adds the last one).
   assert len(generated.split()) + generated.count('\n') - 1 == 12
-  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert again.stdout == result.stdout  # greedy: the same continuation
+  # Exported, the run generates the same greedy continuation on the sparse batch-1 engine.
+  exported = subprocess.run([sys.executable, '-m', 'experiments.export', f'--workdir={tmp_path}',
+                             f'--out={tmp_path / "model.npz"}'], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+  assert exported.returncode == 0, exported.stderr[-2000:]
+  assert exported.stdout.startswith(f'{tmp_path / "model.npz"}: ') and 'of the dense' in (
+      exported.stdout)
+  sparse = subprocess.run([*command[:3], f'--export={tmp_path / "model.npz"}', *command[4:]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert sparse.returncode == 0, sparse.stderr[-2000:]
+  assert sparse.stdout == result.stdout
   missing = subprocess.run([sys.executable, '-m', 'experiments.generate',
                             f'--workdir={tmp_path / "nothing"}'], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)

@@ -64,9 +64,8 @@ def lstm_recurrence(projected: jax.Array, w_rec: jax.Array, carry: Carry,
   a batch sharded over devices is never gathered).
 
   ``unroll`` is the time steps per loop iteration of both loops. On the CPU, 1
-  compiles fastest and runs as fast as 2 or 5 (2x200 LSTM, batch 20, 35 steps);
-  full unrolling made the train step slower (84 against 68 ms) and took 23 s to
-  compile instead of 2. On an accelerator, measure
+  compiles fastest and runs as fast as 2 or 5; full unrolling is slower to run
+  and much slower to compile (RESULTS.md, Speed). On an accelerator, measure
   (``benchmarks.step --config.lstm_unroll=N`` reports both).
   """
   outputs, carry, _ = _lstm_forward(projected, w_rec, carry, valid, compute_dtype, unroll)
@@ -105,9 +104,8 @@ def _lstm_recurrence_bwd(compute_dtype, unroll, residuals, cotangents):
   w_rec, previous_h, previous_c, cs, gates, valid = residuals
   d_hs, (d_h_last, d_c_last) = cotangents
   # d_h_prev = d_pre @ w_rec.T each step. A small w_rec is transposed once
-  # (2x200: the step is ~4 % faster than contracting it in place); a large one
-  # is contracted in place, as its transposed copy costs more (2x1500: 10-15 ms
-  # a layer; the step is 3-7 % faster without it).
+  # (faster than contracting it in place); a large one is contracted in place,
+  # as its transposed copy costs more (RESULTS.md, Speed).
   transposed = w_rec.size < _TRANSPOSE_BELOW
   w = (w_rec.T if transposed else w_rec).astype(compute_dtype)
   # Every factor that does not depend on the cotangents flowing back through

@@ -106,7 +106,7 @@ def nnstd(mask_a: jax.Array, mask_b: jax.Array, max_matched: int = MAX_MATCHED_C
                      f'{mask_b.shape}')
   if mask_a.shape[1] > max_matched:
     return float(column_distances(mask_a, mask_b))
-  from scipy import optimize  # pylint: disable=g-import-not-at-top  # only here: 0.4 s to import
+  from scipy import optimize  # pylint: disable=g-import-not-at-top  # slow to import: here only
   cost = np.asarray(jax.jit(neuron_distances)(mask_a, mask_b))
   rows, cols = optimize.linear_sum_assignment(cost)
   return float(cost[rows, cols].mean())

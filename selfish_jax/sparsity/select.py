@@ -440,9 +440,8 @@ def smallest_cut(key_fn: KeyFn, inputs: tuple[jax.Array, ...], k: jax.Array,
 
 
 # Below this many entries a stable argsort is the selection: it compiles in a
-# fraction of the counting search's time and, at that size, runs as fast.
-# (XLA:CPU sorts ~6M keys/s: at 2^17 entries the counting search is already
-# several times faster, and the 2x200 model's update took 0.30 s instead of 0.04.)
+# fraction of the counting search's time and, at that size, runs as fast;
+# above it the search wins by a growing factor (RESULTS.md, Speed).
 SORT_BELOW = 1 << 14
 
 

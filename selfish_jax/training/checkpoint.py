@@ -50,12 +50,30 @@ KEEP = 2
 UNREADABLE = 'unreadable'  # where checkpoints that cannot be read are moved
 
 
-def _manager(directory: str, max_to_keep: int | None) -> ocp.CheckpointManager:
+def _manager(directory: str, max_to_keep: int | None, read_only: bool) -> ocp.CheckpointManager:
   # A local folder is made absolute; an object-store URL (gs://...) stays as it is.
-  return ocp.CheckpointManager(
-      directory if storage.is_object_store(directory) else os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           cleanup_tmp_directories=True))
+  directory = directory if storage.is_object_store(directory) else os.path.abspath(directory)
+  if not read_only:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
+  # A reader creates nothing and cleans nothing up (the run may be writing);
+  # orbax says so in a warning line each time, which is no news to a reader.
+  with _library_warnings_held_back():
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0))
+
+
+@contextlib.contextmanager
+def _library_warnings_held_back():
+  hold = std_logging.Filter()
+  hold.filter = lambda record: f'{os.sep}orbax{os.sep}' not in record.pathname or (
+      record.levelno > std_logging.WARNING)
+  logger = std_logging.getLogger('absl')
+  logger.addFilter(hold)
+  try:
+    yield
+  finally:
+    logger.removeFilter(hold)
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -69,13 +87,14 @@ def _first_line(error: BaseException) -> str:
 
 
 class Checkpoints:
-  """The latest-state, best-weights and switch checkpoints of one workdir."""
+  """The latest-state, best-weights and switch checkpoints of one workdir
+  (``read_only``: of another run, or for a reader such as an export)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, read_only: bool = False):
     self.workdir = workdir
-    self._latest = _manager(os.path.join(workdir, 'checkpoints'), KEEP)
-    self._best = _manager(os.path.join(workdir, 'best'), None)
-    self._switch = _manager(os.path.join(workdir, 'switch'), None)
+    self._latest = _manager(os.path.join(workdir, 'checkpoints'), KEEP, read_only)
+    self._best = _manager(os.path.join(workdir, 'best'), None, read_only)
+    self._switch = _manager(os.path.join(workdir, 'switch'), None, read_only)
 
   # The latest state.
 

@@ -52,7 +52,7 @@ def restore_at_switch(workdir: str, like: TrainState, tx: optax.GradientTransfor
   the end of the epoch whose validation switched averaging on (no records), or
   None if it has not switched. ``like`` gives the state's structure; ``tx`` is
   the optimizer that run used."""
-  checkpoints = Checkpoints(workdir)
+  checkpoints = Checkpoints(workdir, read_only=True)
   try:
     restored = checkpoints.restore_switch(like.replace(opt_state=tx.init(like.params)))
   finally:

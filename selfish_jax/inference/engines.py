@@ -1,0 +1,173 @@
+"""Batch-1 language models over an export, in NumPy, every masked matrix a
+:class:`~selfish_jax.inference.matrices.Matrix` (sparse where that is faster).
+
+Generation and scoring of one sequence read every weight once a token, so a
+sparse model can be faster there than the dense one. An engine implements a
+family's evaluation-mode step (no dropout; DropConnect's evaluation scaling
+where the family has one) from the same parameters as the Flax model, and
+gives its log-probabilities to float32 rounding. Engines exist for the
+families ``lstm`` and ``rhn`` (:data:`ENGINES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from selfish_jax.errors import UserError
+from selfish_jax.inference.export import Export
+from selfish_jax.inference.matrices import Matrix
+
+State = Any
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+  return (np.tanh(x * 0.5) * 0.5 + 0.5).astype(np.float32)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits - logits.max()
+  return (shifted - np.log(np.exp(shifted).sum())).astype(np.float32)
+
+
+class Engine:
+  """What every engine offers; a family's subclass implements :meth:`start` and :meth:`step`."""
+
+  def __init__(self, export: Export, kernel: str = 'auto'):
+    self.export, self.kernel = export, kernel
+    self.vocab_size = len(export.vocab)
+
+  def _matrix(self, *path: str, transpose: bool = False, lookups: bool = False) -> Matrix:
+    weights, mask = self.export.params, self.export.masks
+    for key in path:
+      weights = weights[key]
+      mask = mask[key] if mask is not None else None
+    if transpose:
+      weights, mask = weights.T, None if mask is None else mask.T
+    return Matrix(weights, mask, self.kernel, lookups=lookups)
+
+  def _decoder(self, embedding_path: tuple[str, ...]) -> tuple[Matrix, np.ndarray]:
+    params = self.export.params
+    if 'decoder_kernel' in params:
+      return self._matrix('decoder_kernel'), params['decoder_bias']
+    return self._matrix(*embedding_path, transpose=True), params['decoder_bias']
+
+  @property
+  def matrices(self) -> dict[str, Matrix]:
+    """Every weight matrix of the engine by name (their kernels, densities, memory)."""
+    return {name: value for name, value in vars(self).items() if isinstance(value, Matrix)}
+
+  def start(self) -> State:
+    """The zero state a sequence starts from."""
+    raise NotImplementedError
+
+  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
+    """``(log-probabilities of the next token [vocab], state)`` after ``token``."""
+    raise NotImplementedError
+
+  def log_probs(self, tokens: Sequence[int]) -> np.ndarray:
+    """``[len(tokens), vocab]``: the next-token log-probabilities after each prefix."""
+    state, rows = self.start(), []
+    for token in tokens:
+      row, state = self.step(int(token), state)
+      rows.append(row)
+    return np.stack(rows)
+
+  def generate(self, prompt: Sequence[int], num_tokens: int, temperature: float = 1.0,
+               seed: int = 0) -> list[int]:
+    """``num_tokens`` ids continuing ``prompt``: drawn from ``softmax(logits /
+    temperature)``, or the most likely ones at ``temperature == 0``."""
+    rng = np.random.default_rng(seed)
+    state, row = self.start(), None
+    for token in prompt:
+      row, state = self.step(int(token), state)
+    tokens = []
+    for _ in range(num_tokens):
+      if temperature > 0:
+        probs = np.exp(log_softmax(row / temperature).astype(np.float64))
+        token = int(rng.choice(self.vocab_size, p=probs / probs.sum()))
+      else:
+        token = int(np.argmax(row))
+      tokens.append(token)
+      row, state = self.step(token, state)
+    return tokens
+
+
+class LSTMEngine(Engine):
+  """The stacked LSTM (``model='lstm'``): gates i, f, g, o of one fused kernel."""
+
+  def __init__(self, export: Export, kernel: str = 'auto'):
+    super().__init__(export, kernel)
+    params = export.params
+    self.layers = int(export.config['nlayers'])
+    self.embedding = self._matrix('embedding', lookups=True)
+    for layer in range(self.layers):
+      name = f'lstm_{layer}'
+      setattr(self, f'{name}_input', self._matrix(name, 'input_kernel'))
+      setattr(self, f'{name}_recurrent', self._matrix(name, 'recurrent_kernel'))
+    self._biases = [params[f'lstm_{l}']['input_bias'] + params[f'lstm_{l}']['recurrent_bias']
+                    for l in range(self.layers)]
+    self.decoder, self._decoder_bias = self._decoder(('embedding',))
+
+  def start(self) -> State:
+    hidden = int(self.export.config['nhid'])
+    return [(np.zeros(hidden, np.float32), np.zeros(hidden, np.float32))
+            for _ in range(self.layers)]
+
+  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
+    x, new_state = self.embedding.row(token), []
+    for layer, (h, c) in enumerate(state):
+      pre = (getattr(self, f'lstm_{layer}_input').product(x) + self._biases[layer]
+             + getattr(self, f'lstm_{layer}_recurrent').product(h))
+      i, f, g, o = np.split(pre, 4)
+      c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+      h = (_sigmoid(o) * np.tanh(c)).astype(np.float32)
+      new_state.append((h, c.astype(np.float32)))
+      x = h
+    return log_softmax(self.decoder.product(x) + self._decoder_bias), new_state
+
+
+class RHNEngine(Engine):
+  """The Recurrent Highway Network (``model='rhn'``): ``rhn_depth`` micro-steps a
+  token, gates h and t of one fused kernel each, carry gate ``1 - t``."""
+
+  def __init__(self, export: Export, kernel: str = 'auto'):
+    super().__init__(export, kernel)
+    rhn = export.params['rhn']
+    self.depth = int(export.config['rhn_depth'])
+    self.embedding = self._matrix('embedding', lookups=True)
+    self.rhn_input = self._matrix('rhn', 'input_kernel')
+    for l in range(self.depth):
+      setattr(self, f'rhn_recurrent_{l}', self._matrix('rhn', f'recurrent_kernel_{l}'))
+    self._input_bias = rhn.get('input_bias', np.zeros(rhn['input_kernel'].shape[1], np.float32))
+    self._biases = [rhn[f'bias_{l}'] for l in range(self.depth)]
+    self.decoder, self._decoder_bias = self._decoder(('embedding',))
+
+  def start(self) -> State:
+    return np.zeros(int(self.export.config['nhid']), np.float32)
+
+  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
+    projected = self.rhn_input.product(self.embedding.row(token)) + self._input_bias
+    s = state
+    for l in range(self.depth):
+      pre = getattr(self, f'rhn_recurrent_{l}').product(s) + self._biases[l]
+      if l == 0:
+        pre = pre + projected
+      h, t = np.split(pre, 2)
+      t = _sigmoid(t)
+      s = (np.tanh(h) * t + s * (1 - t)).astype(np.float32)
+    return log_softmax(self.decoder.product(s) + self._decoder_bias), s
+
+
+# The families with a batch-1 engine. ON-LSTM and AWD-LSTM-MoS have none yet:
+# their exports load and evaluate with the Flax model (dense).
+ENGINES = {'lstm': LSTMEngine, 'rhn': RHNEngine}
+
+
+def engine_for(export: Export, kernel: str = 'auto') -> Engine:
+  """The batch-1 engine of the export's family."""
+  if export.family not in ENGINES:
+    raise UserError(f'no batch-1 sparse engine for the family {export.family!r} (there are for '
+                    f'{tuple(ENGINES)}); evaluate its export with the Flax model instead')
+  return ENGINES[export.family](export, kernel)

@@ -1,0 +1,166 @@
+"""Sparse for real: an export holds only the active weights and loads back as the
+same model; batch-1 engines give the dense model's log-probabilities with
+sparse products; sizes, the kernel choice and bad files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny_config
+from selfish_jax import models
+from selfish_jax.inference import engines, export, matrices
+from selfish_jax.training import language_model_steps as lm_steps
+from selfish_jax.training import parallel
+from selfish_jax.training.language_modelling import LanguageModelling, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = {
+    'lstm': dict(emsize=8, nhid=12, nlayers=2),
+    'rhn': dict(emsize=12, nhid=12, nlayers=1, rhn_depth=3, tied=True),
+    'onlstm': dict(emsize=8, nhid=12, nlayers=3, chunk_size=4, tied=True, weight_drop=0.2),
+    'awd_lstm_mos': dict(emsize=8, nhid=12, nhid_last=10, nlayers=3, n_experts=3, tied=True),
+}
+
+
+@pytest.fixture(scope='module')
+def runs(text_corpus_dir, tmp_path_factory):
+  """A finished run of each family (one short epoch, averaging from the start,
+  so the best weights are averages): ``{family: (config, workdir, final record)}``."""
+  result = {}
+  for family, sizes in FAMILIES.items():
+    config = make_tiny_config(text_corpus_dir, dataset='text')
+    config.update(model=family, num_epochs=1, max_steps_per_epoch=3, asgd_start_epoch=1,
+                  **sizes)
+    workdir = tmp_path_factory.mktemp(family)
+    result[family] = (config, workdir, train_and_evaluate(config, str(workdir)))
+  return result
+
+
+def _test_loss(config, params):
+  task = LanguageModelling(config, parallel.make_mesh(1))
+  evaluate = jax.jit(lm_steps.make_evaluate(task.model, task.test_batch_size))
+  return float(evaluate(jax.tree.map(jnp.asarray, params), task.test_windows))
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_an_export_loads_back_as_the_same_model(runs, family, tmp_path):
+  config, workdir, final = runs[family]
+  header = export.export_run(str(workdir), str(tmp_path / 'f32.npz'))
+  loaded = export.load_export(str(tmp_path / 'f32.npz'))
+  assert loaded.family == family and loaded.config['density'] == 0.33
+  assert _test_loss(config, loaded.params) == final['test_loss']  # bit for bit
+  # Only the masked matrices' nonzero entries are stored.
+  sparse = [leaf for leaf in header['leaves'] if leaf['storage'] != 'dense']
+  assert {tuple(leaf['path']) for leaf in sparse} == {
+      tuple(path) for path, mask in export._flatten(loaded.masks) if mask is not None}
+  assert all(leaf['count'] <= 0.33 * np.prod(leaf['shape']) + 1 for leaf in sparse)
+  # bfloat16 values: half the bytes of the values, the test loss to bfloat16's rounding.
+  small = export.export_run(str(workdir), str(tmp_path / 'bf16.npz'), dtype='bfloat16')
+  assert small['bytes'] < header['bytes']
+  rounded = _test_loss(config, export.load_export(str(tmp_path / 'bf16.npz')).params)
+  assert rounded == pytest.approx(final['test_loss'], rel=1e-2)
+
+
+@pytest.mark.parametrize('family', list(engines.ENGINES))
+@pytest.mark.parametrize('kernel', ['sparse', 'dense', 'auto'])
+def test_an_engine_gives_the_models_log_probabilities(runs, family, kernel, tmp_path):
+  config, workdir, _ = runs[family]
+  export.export_run(str(workdir), str(tmp_path / 'model.npz'))
+  loaded = export.load_export(str(tmp_path / 'model.npz'))
+  engine = engines.engine_for(loaded, kernel)
+  if kernel != 'auto':
+    assert {m.kernel for n, m in engine.matrices.items()} == {kernel}
+  tokens = np.array([0, 3, 5, 1, 1, 7, 2, 9, 4, 0, 6, 8])
+  model = models.build_model(config, len(loaded.vocab))
+  logits, _ = models.logits(model, jax.tree.map(jnp.asarray, loaded.params),
+                            jnp.asarray(tokens)[None], model.initial_carry(1))
+  np.testing.assert_allclose(engine.log_probs(tokens), jax.nn.log_softmax(logits[0]),
+                             rtol=1e-5, atol=2e-6)
+  assert engine.generate([1, 2], 5, temperature=0) == engine.generate([1, 2], 5, temperature=0)
+
+
+def test_the_families_without_an_engine_say_so(runs, tmp_path):
+  export.export_run(str(runs['onlstm'][1]), str(tmp_path / 'model.npz'))
+  with pytest.raises(Exception, match=r"no batch-1 sparse engine for the family 'onlstm'"):
+    engines.engine_for(export.load_export(str(tmp_path / 'model.npz')))
+
+
+def test_sizes_follow_the_storage_arithmetic(tmp_path):
+  rng = np.random.default_rng(0)
+  weights = rng.standard_normal((1000, 1000)).astype(np.float32)
+  for density, storage, index_bytes in ((0.33, 'bitmap', 1_000_000 // 8),
+                                        (0.02, 'indices', 4 * 20_000)):
+    mask = np.zeros(1_000_000, bool)
+    mask[rng.choice(1_000_000, int(density * 1_000_000), replace=False)] = True
+    params = {'w': weights * mask.reshape(1000, 1000), 'b': np.ones(1000, np.float32)}
+    for dtype, value_bytes in (('float32', 4), ('bfloat16', 2)):
+      path = str(tmp_path / f'{density}-{dtype}.npz')
+      header = export.write_export(path, params, {('w',)}, {}, ['a'], dtype)
+      [w] = [leaf for leaf in header['leaves'] if leaf['path'] == ['w']]
+      count = int(mask.sum())
+      assert (w['storage'], w['count']) == (storage, count)
+      payload = count * value_bytes + index_bytes + 1000 * value_bytes  # + the dense bias
+      assert payload < os.path.getsize(path) < payload + 4096  # the zip's headers
+      back = export.load_export(path).params['w']
+      if dtype == 'float32':
+        np.testing.assert_array_equal(back, params['w'])
+      else:
+        np.testing.assert_allclose(back, params['w'], rtol=2 ** -8)
+  # At density 0.33 the file is at most half the dense one (a third with bfloat16).
+  dense = 4 * (1_000_000 + 1000)
+  assert os.path.getsize(tmp_path / '0.33-float32.npz') <= dense / 2
+  assert os.path.getsize(tmp_path / '0.33-bfloat16.npz') <= dense / 3
+
+
+def test_the_kernel_is_the_faster_one_measured_per_matrix():
+  rng = np.random.default_rng(1)
+  weights = rng.standard_normal((1500, 4000)).astype(np.float32)
+  for density in (0.003, 0.9):
+    mask = rng.random(weights.shape) < density
+    matrix = matrices.Matrix(weights * mask, mask, 'auto')
+    assert matrix.kernel == min(matrix.timings, key=matrix.timings.get)
+    x = rng.standard_normal(1500).astype(np.float32)
+    np.testing.assert_allclose(matrix.product(x), x @ (weights * mask), rtol=1e-4, atol=1e-4)
+  # Far from the crossover the choice is clear-cut.
+  sparse = matrices.Matrix(weights * (rng.random(weights.shape) < 0.003), None, 'auto')
+  assert sparse.kernel == 'dense'  # no mask: a dense matrix stays dense
+  very_sparse = rng.random(weights.shape) < 0.003
+  assert matrices.Matrix(weights * very_sparse, very_sparse, 'auto').kernel == 'sparse'
+
+
+def test_bad_exports_and_runs_are_one_error_naming_them(runs, tmp_path):
+  config, workdir, _ = runs['lstm']
+  good = tmp_path / 'good.npz'
+  export.export_run(str(workdir), str(good))
+  data = good.read_bytes()
+  (tmp_path / 'cut.npz').write_bytes(data[:len(data) // 2])
+  with pytest.raises(export.ExportError, match=rf'^{tmp_path}/cut.npz is not a readable '
+                     'selfish_jax export'):
+    export.load_export(str(tmp_path / 'cut.npz'))
+  with np.load(good) as archive:
+    arrays = {name: archive[name] for name in archive.files}
+  header = json.loads(arrays['header'].tobytes())
+  header['version'] = export.FORMAT_VERSION + 1
+  arrays['header'] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+  np.savez(tmp_path / 'newer.npz', **arrays)
+  with pytest.raises(export.ExportError, match=rf'^{tmp_path}/newer.npz is export format '
+                     rf'version {export.FORMAT_VERSION + 1}; this selfish_jax reads versions up '
+                     rf'to {export.FORMAT_VERSION}'):
+    export.load_export(str(tmp_path / 'newer.npz'))
+  # A run that has not finished an epoch has no best weights to export (one line, by the CLI).
+  young = tmp_path / 'young'
+  young.mkdir()
+  (young / 'config.json').write_text((workdir / 'config.json').read_text())
+  result = subprocess.run([sys.executable, '-m', 'experiments.export', f'--workdir={young}',
+                           f'--out={tmp_path / "x.npz"}'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: {young} has no best weights yet (no epoch finished)')
+  assert not (tmp_path / 'x.npz').exists()
