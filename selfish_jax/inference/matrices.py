@@ -8,9 +8,10 @@ indices, 8 bytes per stored weight against 4 per dense entry), or dense where
 that reads faster. Which one is measured per matrix when the model is loaded
 (``kernel='auto'``): a few products each way on the matrix itself, since
 the crossover density depends on its shape, the BLAS and the machine.
-Measured here (RESULTS.md, Inference): JAX's own sparse formats (BCOO, BCSR)
-took 10-30 times longer than a dense product at these sizes, so scipy's CSR
-is the sparse kernel.
+Measured here (RESULTS.md, Batch-1 inference): JAX's own sparse formats (BCOO,
+BCSR) took 3-20 times as long as a dense product at these sizes, scipy's CSR
+less than the dense one below a density of about 0.2, so CSR is the sparse
+kernel.
 """
 
 from __future__ import annotations
