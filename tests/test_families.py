@@ -518,8 +518,8 @@ def test_a_fifth_family_is_its_module_and_its_family_entry(text_corpus_dir, tmp_
   from selfish_jax.models.family import Family
   monkeypatch.setitem(models.FAMILIES, 'bigram', Family(
       'bigram', {'bigram_init_scale': 0.1},
-      lambda config, vocab, common: _BigramLM(vocab_size=vocab,
-                                              init_scale=config.bigram_init_scale, **common)))
+      lambda values, vocab, common: _BigramLM(vocab_size=vocab,
+                                              init_scale=values['bigram_init_scale'], **common)))
   config = make_tiny_config(text_corpus_dir, dataset='text')
   assert config.bigram_init_scale == 0.1
   config.bigram_init_scale = 0.5

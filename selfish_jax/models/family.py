@@ -7,6 +7,10 @@ training config (:func:`selfish_jax.config.default_config`) takes every
 family's keys from here. Keys every family reads (``emsize``, ``nhid``,
 ``nlayers``, ``dropout``, ``tied``, ``compute_dtype``, ``loss_chunk_rows``)
 are the config's own.
+
+A family never sees the config: :func:`~selfish_jax.models.interface.build_model`
+reads the family's keys and :data:`SHARED_KEYS` by name and hands it those
+values as a plain dict.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
-import ml_collections
 
 from selfish_jax.errors import ConfigError
+
+# The config's own keys a family's build and check may read besides its own.
+SHARED_KEYS = ('emsize', 'nhid', 'nlayers', 'tied')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,25 +34,28 @@ class Family:
     name: the ``config.model`` value.
     defaults: the config keys only this family (or a few families) reads, with
       their defaults; under another family they must keep the default.
-    build: ``(config, vocab_size, common) -> module``, where ``common`` holds
-      the constructor arguments every family takes (see ``interface.build_model``).
-    check: raises ConfigError for values the family cannot build.
+    build: ``(values, vocab_size, common) -> module``: ``values`` maps the
+      family's keys and :data:`SHARED_KEYS` to the config's values, ``common``
+      holds the constructor arguments every family takes (see
+      ``interface.build_model``).
+    check: ``values -> None``, raising ConfigError for values the family cannot build.
   """
   name: str
   defaults: Mapping[str, Any]
-  build: Callable[[ml_collections.ConfigDict, int, dict], nn.Module]
-  check: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+  build: Callable[[Mapping[str, Any], int, dict], nn.Module]
+  check: Callable[[Mapping[str, Any]], None] = lambda values: None
 
   @property
   def keys(self) -> frozenset[str]:
     return frozenset(self.defaults)
 
 
-def pick(config: ml_collections.ConfigDict, keys) -> dict:
-  """``{key: config[key]}`` for ``keys``: constructor arguments named as the config's keys."""
-  return {k: config[k] for k in keys}
+def pick(values: Mapping[str, Any], keys) -> dict:
+  """``{key: values[key]}`` for ``keys``: constructor arguments named as the config's keys."""
+  return {k: values[k] for k in keys}
 
 
-def check_tied_square(config: ml_collections.ConfigDict) -> None:
-  if config.tied and config.emsize != config.nhid:
-    raise ConfigError(f'tied weights need emsize == nhid, got {config.emsize} and {config.nhid}')
+def check_tied_square(values: Mapping[str, Any]) -> None:
+  if values['tied'] and values['emsize'] != values['nhid']:
+    raise ConfigError(f'tied weights need emsize == nhid, got {values["emsize"]} and '
+                      f'{values["nhid"]}')

@@ -16,7 +16,7 @@ import ml_collections
 
 from selfish_jax.errors import ConfigError
 from selfish_jax.models import lstm, mos, onlstm, rhn
-from selfish_jax.models.family import Family
+from selfish_jax.models.family import SHARED_KEYS, Family
 from selfish_jax.models.layers import GateBlocks
 
 PyTree = Any
@@ -75,6 +75,11 @@ def _common(config: ml_collections.ConfigDict, num_devices: int) -> dict:
               loss_chunk_rows=config.loss_chunk_rows * chunk_devices)
 
 
+def _family_values(config: ml_collections.ConfigDict) -> dict:
+  """The values ``config.model``'s family reads, by key: its own keys and the shared ones."""
+  return {key: config[key] for key in (*SHARED_KEYS, *sorted(FAMILIES[config.model].keys))}
+
+
 # A new family: its module ends with a FAMILY (models/family.py), listed here.
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     lstm.FAMILY, rhn.FAMILY, onlstm.FAMILY, mos.FAMILY)}
@@ -106,7 +111,7 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
     users = {k: [m for m, f in FAMILIES.items() if k in f.keys] for k in unused}
     raise ConfigError(f'model {config.model!r} does not use ' + ', '.join(
         f'{k} (used by {", ".join(users[k])})' for k in unused))
-  FAMILIES[config.model].check(config)
+  FAMILIES[config.model].check(_family_values(config))
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int,
@@ -115,7 +120,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int,
   batch split over ``num_devices`` devices (the loss chunks' rows are per device)."""
   if config.model not in FAMILIES:
     raise ConfigError(f'unknown model {config.model!r}; expected one of {tuple(FAMILIES)}')
-  return FAMILIES[config.model].build(config, vocab_size, _common(config, num_devices))
+  return FAMILIES[config.model].build(_family_values(config), vocab_size,
+                                      _common(config, num_devices))
 
 
 def logits(model: LanguageModel, params: PyTree, tokens: jax.Array, carry: PyTree

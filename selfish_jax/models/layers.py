@@ -131,12 +131,12 @@ AWD_REGULARISERS = {
 }
 
 
-def check_awd_regularisers(config) -> None:
+def check_awd_regularisers(values) -> None:
   """Raises ConfigError for a dropout outside [0, 1) or a negative AR/TAR weight."""
-  check_fractions(config, ('dropout_input', 'dropout_hidden', 'dropout_embedding', 'weight_drop'))
+  check_fractions(values, ('dropout_input', 'dropout_hidden', 'dropout_embedding', 'weight_drop'))
   for key in ('ar_alpha', 'tar_beta'):
-    if config[key] < 0:
-      raise ConfigError(f'{key} must be >= 0, got {config[key]!r}')
+    if values[key] < 0:
+      raise ConfigError(f'{key} must be >= 0, got {values[key]!r}')
 
 
 def awd_stack(module: nn.Module, cells: Sequence[nn.Module], x: jax.Array, carry: Sequence,

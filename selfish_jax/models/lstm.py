@@ -241,13 +241,13 @@ class StackedLSTMLM(nn.Module):
 UNROLL_KEY = {'lstm_unroll': 1}
 
 
-def _check(config) -> None:
-  check_tied_square(config)
-  check_int(config, 'lstm_unroll')
+def _check(values) -> None:
+  check_tied_square(values)
+  check_int(values, 'lstm_unroll')
 
 
 FAMILY = Family(
     'lstm', UNROLL_KEY,
-    lambda config, vocab_size, common: StackedLSTMLM(
-        vocab_size=vocab_size, nlayers=config.nlayers, unroll=config.lstm_unroll, **common),
+    lambda values, vocab_size, common: StackedLSTMLM(
+        vocab_size=vocab_size, nlayers=values['nlayers'], unroll=values['lstm_unroll'], **common),
     _check)

@@ -161,12 +161,12 @@ class AWDLSTMMoSLM(nn.Module):
                        self.loss_chunk_rows), new_carry
 
 
-def _check(config) -> None:
-  check_int(config, 'lstm_unroll')
-  check_int(config, 'n_experts')
-  check_int(config, 'nhid_last', minimum=0)
-  check_fractions(config, ('dropout_latent',))
-  layers.check_awd_regularisers(config)
+def _check(values) -> None:
+  check_int(values, 'lstm_unroll')
+  check_int(values, 'n_experts')
+  check_int(values, 'nhid_last', minimum=0)
+  check_fractions(values, ('dropout_latent',))
+  layers.check_awd_regularisers(values)
 
 
 FAMILY = Family('awd_lstm_mos', {
@@ -174,7 +174,8 @@ FAMILY = Family('awd_lstm_mos', {
     'n_experts': 15,  # softmaxes in the mixture
     'dropout_latent': 0.0,  # locked, on the experts' latent vectors
     **layers.AWD_REGULARISERS, **UNROLL_KEY,
-}, lambda config, vocab_size, common: AWDLSTMMoSLM(
-    vocab_size=vocab_size, nlayers=config.nlayers, nhid_last=config.nhid_last or config.emsize,
-    n_experts=config.n_experts, dropout_latent=config.dropout_latent, unroll=config.lstm_unroll,
-    **pick(config, layers.AWD_REGULARISERS), **common), _check)
+}, lambda values, vocab_size, common: AWDLSTMMoSLM(
+    vocab_size=vocab_size, nlayers=values['nlayers'],
+    nhid_last=values['nhid_last'] or values['emsize'], n_experts=values['n_experts'],
+    dropout_latent=values['dropout_latent'], unroll=values['lstm_unroll'],
+    **pick(values, layers.AWD_REGULARISERS), **common), _check)

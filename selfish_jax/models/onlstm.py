@@ -163,18 +163,18 @@ class ONLSTMLM(nn.Module):
     return head, new_carry
 
 
-def _check(config) -> None:
-  check_int(config, 'chunk_size')
-  layers.check_awd_regularisers(config)
-  for size in (config.nhid, config.emsize):
-    if size % config.chunk_size:
+def _check(values) -> None:
+  check_int(values, 'chunk_size')
+  layers.check_awd_regularisers(values)
+  for size in (values['nhid'], values['emsize']):
+    if size % values['chunk_size']:
       raise ConfigError(f'onlstm layer size {size} is not a multiple of '
-                        f'chunk_size={config.chunk_size}')
+                        f'chunk_size={values["chunk_size"]}')
 
 
 FAMILY = Family('onlstm', {
     'chunk_size': 10,  # units per master-gate level
     **layers.AWD_REGULARISERS,
-}, lambda config, vocab_size, common: ONLSTMLM(
-    vocab_size=vocab_size, nlayers=config.nlayers, chunk_size=config.chunk_size,
-    **pick(config, layers.AWD_REGULARISERS), **common), _check)
+}, lambda values, vocab_size, common: ONLSTMLM(
+    vocab_size=vocab_size, nlayers=values['nlayers'], chunk_size=values['chunk_size'],
+    **pick(values, layers.AWD_REGULARISERS), **common), _check)

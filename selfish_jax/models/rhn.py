@@ -151,19 +151,20 @@ class RHNLM(nn.Module):
     return head, (s,)
 
 
-def _check(config) -> None:
-  check_tied_square(config)
-  check_int(config, 'rhn_depth')
-  check_fractions(config, ('dropout_input', 'dropout_hidden', 'dropout_embedding'))
-  if config.nlayers != 1:
+def _check(values) -> None:
+  check_tied_square(values)
+  check_int(values, 'rhn_depth')
+  check_fractions(values, ('dropout_input', 'dropout_hidden', 'dropout_embedding'))
+  if values['nlayers'] != 1:
     raise ConfigError(f'model rhn has one recurrent layer (its depth is rhn_depth); '
-                      f'nlayers must be 1, got {config.nlayers}')
-  if config.rhn_init not in RHN_INITS:
-    raise ConfigError(f'unknown rhn_init {config.rhn_init!r}; expected one of {RHN_INITS}')
-  if config.rhn_init != 'zilly':
+                      f'nlayers must be 1, got {values["nlayers"]}')
+  init = values['rhn_init']
+  if init not in RHN_INITS:
+    raise ConfigError(f'unknown rhn_init {init!r}; expected one of {RHN_INITS}')
+  if init != 'zilly':
     for key in ('rhn_transform_bias', 'rhn_init_scale'):
-      if config[key] != FAMILY.defaults[key]:
-        raise ConfigError(f"{key} is read only with rhn_init='zilly', not {config.rhn_init!r}")
+      if values[key] != FAMILY.defaults[key]:
+        raise ConfigError(f"{key} is read only with rhn_init='zilly', not {init!r}")
 
 
 FAMILY = Family('rhn', {
@@ -177,7 +178,7 @@ FAMILY = Family('rhn', {
     'dropout_input': 0.0,  # locked, on the embedded input
     'dropout_hidden': 0.0,  # on s at every depth
     'dropout_embedding': 0.0,  # whole words
-}, lambda config, vocab_size, common: RHNLM(
-    vocab_size=vocab_size, depth=config.rhn_depth, init_scheme=config.rhn_init,
-    transform_bias=config.rhn_transform_bias, init_scale=config.rhn_init_scale,
-    **pick(config, ('dropout_input', 'dropout_hidden', 'dropout_embedding')), **common), _check)
+}, lambda values, vocab_size, common: RHNLM(
+    vocab_size=vocab_size, depth=values['rhn_depth'], init_scheme=values['rhn_init'],
+    transform_bias=values['rhn_transform_bias'], init_scale=values['rhn_init_scale'],
+    **pick(values, ('dropout_input', 'dropout_hidden', 'dropout_embedding')), **common), _check)
