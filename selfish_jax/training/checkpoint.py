@@ -33,7 +33,7 @@ import logging as std_logging
 import os
 import shutil
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from absl import logging
 from etils import epath
@@ -58,22 +58,25 @@ def _manager(directory: str, max_to_keep: int | None, read_only: bool) -> ocp.Ch
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
   # A reader creates nothing and cleans nothing up (the run may be writing);
   # orbax says so in a warning line each time, which is no news to a reader.
-  with _library_warnings_held_back():
+  with _log_filter('absl', lambda record: not _from_orbax(record)
+                   or record.levelno > std_logging.WARNING):
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0))
 
 
+def _from_orbax(record: std_logging.LogRecord) -> bool:
+  return f'{os.sep}orbax{os.sep}' in record.pathname
+
+
 @contextlib.contextmanager
-def _library_warnings_held_back():
-  hold = std_logging.Filter()
-  hold.filter = lambda record: f'{os.sep}orbax{os.sep}' not in record.pathname or (
-      record.levelno > std_logging.WARNING)
-  logger = std_logging.getLogger('absl')
-  logger.addFilter(hold)
+def _log_filter(logger_name: str, keep: Callable[[std_logging.LogRecord], bool]):
+  """Within: the records of the logger ``logger_name`` that ``keep`` refuses are not logged."""
+  logger = std_logging.getLogger(logger_name)
+  logger.addFilter(keep)
   try:
     yield
   finally:
-    logger.removeFilter(hold)
+    logger.removeFilter(keep)
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -117,13 +120,11 @@ class Checkpoints:
     """
     unreadable = []
     for step in reversed(self._latest.all_steps()):
-      restored = None
       try:
         restored = _restore_state(self._latest, step, like)
       except Exception as e:  # pylint: disable=broad-except
         # tensorstore, JSON and file errors alike: anything that stops the read.
         unreadable.append((step, _first_line(e)))
-      if restored is None:
         _collect_failed_reads()
         continue
       for bad_step, error in unreadable:
@@ -238,17 +239,9 @@ def _collect_failed_reads() -> None:
   each ("exception was never retrieved", a page of tensorstore spec apiece):
   the run's own warning or error says what could not be read."""
 
-  class _Drop(std_logging.Filter):
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-      return 'exception was never retrieved' not in record.getMessage()
-
-  logger, drop = std_logging.getLogger('asyncio'), _Drop()
-  logger.addFilter(drop)
-  try:
+  with _log_filter('asyncio',
+                   lambda record: 'exception was never retrieved' not in record.getMessage()):
     gc.collect()
-  finally:
-    logger.removeFilter(drop)
 
 
 def _sync(name: str) -> None:
@@ -299,27 +292,23 @@ def _orbax_errors_held_back():
   """Within: orbax's error lines (each with its writer thread's traceback) are
   held back. If the block fails because the storage is full they are dropped
   (the run's one line says so); otherwise they are logged when it ends."""
-  held = []
+  held, full = [], False
 
-  class _Hold(std_logging.Filter):
+  def hold(record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.ERROR and _from_orbax(record):
+      held.append(record)
+      return False
+    return True
 
-    def filter(self, record: std_logging.LogRecord) -> bool:
-      if record.levelno >= std_logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
-        held.append(record)
-        return False
-      return True
-
-  logger, hold, full = std_logging.getLogger('absl'), _Hold(), False
-  logger.addFilter(hold)
   try:
-    yield
+    with _log_filter('absl', hold):
+      yield
   except Exception as e:  # pylint: disable=broad-except
     full = storage.is_out_of_space(e)
     raise
   finally:
-    logger.removeFilter(hold)
     for record in [] if full else held:
-      logger.handle(record)
+      std_logging.getLogger('absl').handle(record)
 
 
 def _restore_state(manager: ocp.CheckpointManager, step: int, like: PyTree,
