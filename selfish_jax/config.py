@@ -157,14 +157,13 @@ def validate_sparse_training(config: ml_collections.ConfigDict) -> None:
   check_choice(config, 'growth', GROWTH_MODES)
   check_choice(config, 'growth_ties', GROWTH_TIES)
   check_choice(config, 'optimizer', OPTIMIZERS)
+  # make_method refuses a density outside (0, 1] (masks.validate_density).
   method = methods.make_method(config.method, density=config.density, growth=config.growth,
                                total_steps=1)
   if method.grows_by == 'momentum' and not optim.OPTIMIZERS[config.optimizer].first_moment:
     with_moment = tuple(n for n, entry in optim.OPTIMIZERS.items() if entry.first_moment)
     raise ConfigError(f'method {config.method!r} with growth from momentum needs an optimizer '
                       f'with a first moment (one of {with_moment}), not {config.optimizer!r}')
-  if not (isinstance(config.density, (int, float)) and 0.0 < config.density <= 1.0):
-    raise ConfigError(f'density must be in (0, 1], got {config.density!r}')
   for key in ('death_rate', 'death_rate_final'):
     if not 0.0 <= config[key] <= 1.0:
       raise ConfigError(f'{key} must be in [0, 1], got {config[key]!r}')

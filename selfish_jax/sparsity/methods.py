@@ -433,7 +433,5 @@ def make_method(name: str, **settings: Any) -> Method:
     raise ConfigError(f'unknown method {name!r}; expected one of {tuple(METHODS)}')
   settings = MethodSettings(**settings)
   masks_lib.validate_density(settings.density)
-  if settings.growth_ties not in topology.GROWTH_TIES:
-    raise ConfigError(f'unknown growth_ties {settings.growth_ties!r}; expected one of '
-                      f'{topology.GROWTH_TIES}')
+  topology.check_growth_ties(settings.growth_ties)
   return METHODS[name](dataclasses.replace(settings, total_steps=max(int(settings.total_steps), 1)))

@@ -84,13 +84,18 @@ def keep_weights(weights: jax.Array, old_mask: jax.Array, new_mask: jax.Array) -
   return jnp.where(old_mask & new_mask, weights, jnp.zeros_like(weights))
 
 
+def check_growth_ties(ties: str) -> None:
+  """Raises ConfigError unless ``ties`` is one of :data:`GROWTH_TIES`."""
+  if ties not in GROWTH_TIES:
+    raise ConfigError(f'unknown growth_ties {ties!r}; expected one of {GROWTH_TIES}')
+
+
 def grow_by_score(scores: jax.Array, survivors: jax.Array, count: jax.Array, free: jax.Array,
                   key: jax.Array, ties: str = 'random') -> jax.Array:
   """The ``count`` positions the ``survivors`` leave free (``free`` of them)
   with the largest ``|scores|``, equal scores in the order ``ties`` names
   (:data:`GROWTH_TIES`; ``'random'`` draws it from ``key``)."""
-  if ties not in GROWTH_TIES:
-    raise ConfigError(f'unknown growth_ties {ties!r}; expected one of {GROWTH_TIES}')
+  check_growth_ties(ties)
   return select.largest_magnitudes(scores, survivors, count, free, complement=True,
                                    tie_key=key if ties == 'random' else None)
 
