@@ -30,6 +30,7 @@ import numpy as np
 from selfish_jax import config as config_lib
 from selfish_jax import generation, malloc_tuning, models, sparsity
 from selfish_jax.inference import engines, export
+from selfish_jax.training import workdir as workdir_lib
 
 _RUN = flags.DEFINE_string('run', None, 'A trained run to export and time too.')
 _HIDDEN = flags.DEFINE_list('hidden', ['200', '650', '1500'], 'Stacked LSTM sizes (2 layers).')
@@ -52,16 +53,16 @@ def _timed_generation(generate, tokens: int) -> float:
 def measure(config, params, masks, vocab, label: str) -> dict:
   """One case: sizes and dense/sparse generation speed of ``params`` (masked by ``masks``)."""
   model = models.build_model(config, len(vocab))
-  masked = {path for path, m in export._flatten(masks) if m is not None}
+  masked = export.masked_paths(masks)
   with tempfile.TemporaryDirectory() as folder:
     sizes = {}
     for dtype in export.VALUE_DTYPES:
       path = os.path.join(folder, f'{dtype}.npz')
       header = export.write_export(path, jax.device_get(params), masked,
-                                   json.loads(json.dumps(config.to_dict())), list(vocab), dtype)
+                                   workdir_lib.as_saved(config), list(vocab), dtype)
       sizes[dtype] = os.path.getsize(path)
     loaded = export.load_export(os.path.join(folder, 'float32.npz'))
-  dense_bytes = sum(4 * int(np.prod(leaf['shape'])) for leaf in header['leaves'])
+  dense_bytes = export.dense_bytes(header)
   prompt, n = jnp.asarray([1, 2, 3]), _TOKENS.value
   dense = _timed_generation(lambda: jax.block_until_ready(generation.sample(
       model, params, prompt, jax.random.key(0), num_tokens=n, temperature=0.0)), n)
@@ -99,12 +100,9 @@ def main(argv):
   malloc_tuning.tune_for_backend()
   if _RUN.value:
     run = export.load_trained_run(_RUN.value)
-    masks = {}
-    for path, value in export._flatten(run.params):
-      node = masks
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = (np.asarray(value) != 0) if path in run.masked else None
+    masks = export.unflatten_tree([
+        (path, (np.asarray(value) != 0) if path in run.masked else None)
+        for path, value in export.flatten_tree(run.params)])
     print(json.dumps(measure(run.config, run.params, masks, run.corpus.vocab,
                              f'run {_RUN.value}')), flush=True)
   for hidden in map(int, _HIDDEN.value):

@@ -67,18 +67,20 @@ def _from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
   return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _flatten(tree: dict, path: tuple = ()) -> list[tuple[tuple[str, ...], Any]]:
+def flatten_tree(tree: dict, path: tuple = ()) -> list[tuple[tuple[str, ...], Any]]:
+  """``[(path of keys, leaf), ...]`` of nested dicts, keys sorted at every level."""
   leaves = []
   for key in sorted(tree):
     value = tree[key]
     if isinstance(value, dict):
-      leaves += _flatten(value, path + (key,))
+      leaves += flatten_tree(value, path + (key,))
     else:
       leaves.append((path + (key,), value))
   return leaves
 
 
-def _unflatten(leaves: list[tuple[tuple[str, ...], Any]]) -> dict:
+def unflatten_tree(leaves: list[tuple[tuple[str, ...], Any]]) -> dict:
+  """The nested dicts :func:`flatten_tree` flattened."""
   tree: dict = {}
   for path, value in leaves:
     node = tree
@@ -96,7 +98,7 @@ def write_export(path: str, params: dict, sparse: set[tuple[str, ...]], config: 
   if dtype not in VALUE_DTYPES:
     raise ExportError(f'unknown value dtype {dtype!r}; expected one of {VALUE_DTYPES}')
   arrays, leaves = {}, []
-  for i, (leaf_path, value) in enumerate(_flatten(params)):
+  for i, (leaf_path, value) in enumerate(flatten_tree(params)):
     value = np.asarray(value, np.float32)
     entry = {'path': list(leaf_path), 'shape': list(value.shape), 'dtype': dtype}
     if leaf_path in sparse:
@@ -194,13 +196,19 @@ def load_export(path: str) -> Export:
       masks.append((leaf_path, mask.reshape(shape)))
   except (KeyError, ValueError, IndexError, TypeError) as e:
     raise ExportError(f'{path} is a damaged selfish_jax export ({type(e).__name__}: {e})') from e
-  return Export(path, header['config'], tuple(header['vocab']), _unflatten(params),
-                _unflatten(masks), header)
+  return Export(path, header['config'], tuple(header['vocab']), unflatten_tree(params),
+                unflatten_tree(masks), header)
 
 
-def dense_bytes(export: Export) -> int:
-  """What the parameters take as dense float32 arrays (what a checkpoint stores of them)."""
-  return sum(4 * int(np.prod(entry['shape'])) for entry in export.header['leaves'])
+def masked_paths(masks: dict) -> set[tuple[str, ...]]:
+  """The paths of the leaves a mask tree (nested dicts, None for dense leaves) masks."""
+  return {path for path, mask in flatten_tree(masks) if mask is not None}
+
+
+def dense_bytes(header: dict) -> int:
+  """What an export's parameters take as dense float32 arrays (what a checkpoint
+  stores of them), from its header."""
+  return sum(4 * int(np.prod(entry['shape'])) for entry in header['leaves'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,16 +254,17 @@ def load_trained_run(workdir: str) -> TrainedRun:
   if params is None:
     raise ExportError(f'{workdir} has no best weights yet (no epoch finished)')
   params = jax.device_get(params)
-  masked = {path for path, mask in _flatten(masks or {}) if mask is not None}
+  masked = masked_paths(masks or {})
   return TrainedRun(config, corpus, model, params, masked)
 
 
 def export_run(workdir: str, out: str, dtype: str = 'float32') -> dict:
   """Exports the best weights of the run in ``workdir`` to ``out``; returns the
   header with the file's ``bytes`` and the ``dense_bytes`` of its parameters."""
+  from selfish_jax.training.workdir import as_saved  # pylint: disable=g-import-not-at-top
   run = load_trained_run(workdir)
-  header = write_export(out, run.params, run.masked, json.loads(json.dumps(run.config.to_dict())),
+  header = write_export(out, run.params, run.masked, as_saved(run.config),
                         list(run.corpus.vocab), dtype)
   header['bytes'] = epath.Path(out).stat().length
-  header['dense_bytes'] = sum(4 * int(np.prod(e['shape'])) for e in header['leaves'])
+  header['dense_bytes'] = dense_bytes(header)
   return header
