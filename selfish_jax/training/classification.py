@@ -20,7 +20,6 @@ import numpy as np
 import optax
 
 from selfish_jax import config as config_lib
-from selfish_jax import sparsity
 from selfish_jax.checks import check_choice, check_finite_numbers, check_fractions, check_int
 from selfish_jax.data import documents as documents_lib
 from selfish_jax.errors import ConfigError
@@ -197,11 +196,9 @@ class Classification:
     """The best and the final held-out accuracy, the density and the parameters."""
     accuracies = [r['held_out_accuracy']
                   for r in metrics.read_records(run.workdir, metrics.EPOCH)]
-    state = run.state
     final = {'best_accuracy': max(accuracies, default=0.0),
              'final_accuracy': accuracies[-1] if accuracies else None,
-             'density': sparsity.summarize(state.masks)['density'],
-             'params': sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks))}
+             **run.core.size_fields(run.state)}
     logging.info('| end of training | best held-out accuracy %.4f | final %.4f',
                  final['best_accuracy'], final['final_accuracy'])
     return final

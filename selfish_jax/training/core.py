@@ -222,6 +222,13 @@ class SparseTraining:
       rates['target_density'] = float(self.method.density_schedule(step))
     return rates
 
+  @staticmethod
+  def size_fields(state: TrainState) -> dict:
+    """The final record's account of the model's size: ``density`` (of the masked
+    matrices) and ``params`` (the weights that exist, dense leaves included)."""
+    return {'density': sparsity.summarize(state.masks)['density'],
+            'params': sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks))}
+
   def describe(self, state: TrainState) -> str:
     """The start line's account of the method and its active weights."""
     summary = sparsity.summarize(state.masks)

@@ -182,8 +182,7 @@ class LanguageModelling:
                  test_loss, perplexity(test_loss), perplexity(best_val_loss))
     return {'test_loss': test_loss, 'test_ppl': perplexity(test_loss),
             'best_val_loss': best_val_loss, 'best_val_ppl': perplexity(best_val_loss),
-            'density': sparsity.summarize(state.masks)['density'],
-            'params': sparsity.host_numbers(sparsity.parameter_count(state.params, state.masks)),
+            **run.core.size_fields(state),
             'train_flops_relative': flops.train_flops_relative(
                 run.core.method, sparse_forward, dense_forward,
                 self.config.num_epochs * self.steps_per_epoch)}
