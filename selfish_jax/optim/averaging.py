@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from selfish_jax.optim.remask import mask_updates
-from selfish_jax.sparsity.masks import Masks, map_with_masks
+from selfish_jax.sparsity.masks import Masks, is_masked_node, map_with_masks
 
 PyTree = Any
 
@@ -185,6 +185,5 @@ def averaged_params(opt_state: optax.OptState, params: PyTree,
   if masks is not None:
     averages = map_with_masks(lambda a, m: a if m is None else jnp.where(m, a, 0), averages, masks)
   # A leaf another group of optax.partition owns (MaskedNode) is not averaged.
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-  return jax.tree.map(lambda a, p: p if masked(a) else jnp.where(state.averaging, a, p),
-                      averages, params, is_leaf=masked)
+  return jax.tree.map(lambda a, p: p if is_masked_node(a) else jnp.where(state.averaging, a, p),
+                      averages, params, is_leaf=is_masked_node)

@@ -21,6 +21,7 @@ from selfish_jax.errors import ConfigError
 from selfish_jax.optim.chain import sgd_steps
 from selfish_jax.optim.snt_asgd import asgd, sgd, snt_asgd
 from selfish_jax.optim.sparsify import sparsify
+from selfish_jax.sparsity.masks import is_masked_node
 
 PyTree = Any
 Factory = Callable[..., optax.GradientTransformationExtraArgs]
@@ -46,10 +47,11 @@ class OptimizerEntry:
   sweep_lr: float | None = None
 
 
-def _sgd_like(average_or_moment):
+def _sgd_like(optimizer: Callable[..., optax.GradientTransformationExtraArgs]) -> Factory:
+  """The factory of ``snt_asgd``, ``asgd`` or ``sgd`` (no momentum to take)."""
   def build(learning_rate, *, weight_decay, clip_norm, momentum):
     del momentum
-    return average_or_moment(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
+    return optimizer(learning_rate, weight_decay=weight_decay, clip_norm=clip_norm)
   return build
 
 
@@ -105,6 +107,6 @@ def first_moment(opt_state: optax.OptState) -> PyTree:
     raise ConfigError(f'this optimizer state keeps no first moment (no field named one of '
                       f'{FIRST_MOMENT_FIELDS}, as optax.trace and optax.scale_by_adam keep): '
                       'growth by momentum needs an optimizer with momentum')
-  masked = lambda x: isinstance(x, optax.MaskedNode)
-  return jax.tree.map(lambda *values: next((v for v in values if not masked(v)), values[0]),
-                      *found, is_leaf=masked)
+  return jax.tree.map(
+      lambda *values: next((v for v in values if not is_masked_node(v)), values[0]),
+      *found, is_leaf=is_masked_node)

@@ -77,13 +77,18 @@ def pairwise_topology_distance(masks: Masks) -> dict[str, jax.Array]:
   return result
 
 
+def _jaccard_distance(intersection: jax.Array, union: jax.Array) -> jax.Array:
+  """``1 - |A and B| / |A or B|`` (0 for two empty sets)."""
+  return jnp.where(union > 0, 1.0 - intersection / jnp.maximum(union, 1.0), 0.0)
+
+
 def neuron_distances(mask_a: jax.Array, mask_b: jax.Array) -> jax.Array:
   """``[n, n]`` Jaccard distances between the columns' input sets of two ``[in, n]`` masks
   (two empty columns are at distance 0): NNSTD's cost matrix, on the device."""
   a, b = jnp.asarray(mask_a, jnp.float32), jnp.asarray(mask_b, jnp.float32)
   intersection = a.T @ b  # exact: counts of at most `in` < 2**24
   union = a.sum(0)[:, None] + b.sum(0)[None, :] - intersection
-  return jnp.where(union > 0, 1.0 - intersection / jnp.maximum(union, 1.0), 0.0)
+  return _jaccard_distance(intersection, union)
 
 
 def column_distances(mask_a: jax.Array, mask_b: jax.Array) -> jax.Array:
@@ -92,7 +97,7 @@ def column_distances(mask_a: jax.Array, mask_b: jax.Array) -> jax.Array:
   a, b = jnp.asarray(mask_a, jnp.float32), jnp.asarray(mask_b, jnp.float32)
   intersection = jnp.sum(a * b, axis=0)
   union = a.sum(0) + b.sum(0) - intersection
-  return jnp.mean(jnp.where(union > 0, 1.0 - intersection / jnp.maximum(union, 1.0), 0.0))
+  return jnp.mean(_jaccard_distance(intersection, union))
 
 
 def nnstd(mask_a: jax.Array, mask_b: jax.Array, max_matched: int = MAX_MATCHED_COLUMNS) -> float:

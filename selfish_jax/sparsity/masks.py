@@ -61,7 +61,9 @@ def check_masks(masks: Masks) -> None:
                       'bool (convert with jax.tree.map(lambda m: m.astype(bool), masks))')
 
 
-def _masked_node(x: Any) -> bool:
+def is_masked_node(x: Any) -> bool:
+  """Whether ``x`` is ``optax.MaskedNode``: a parameter another group of
+  ``optax.partition``/``multi_transform`` owns, which a tree map passes through."""
   return isinstance(x, optax.MaskedNode)
 
 
@@ -72,9 +74,9 @@ def map_with_masks(fn: Callable[..., Any], tree: PyTree, masks: Masks | None,
   Leaves of ``tree`` that are ``optax.MaskedNode`` (the parameters another
   group of ``optax.partition``/``multi_transform`` owns) are passed through.
   """
-  guarded = lambda x, m, *r: x if _masked_node(x) else fn(x, m, *r)
+  guarded = lambda x, m, *r: x if is_masked_node(x) else fn(x, m, *r)
   if masks is None:
-    return jax.tree.map(lambda x, *r: guarded(x, None, *r), tree, *rest, is_leaf=_masked_node)
+    return jax.tree.map(lambda x, *r: guarded(x, None, *r), tree, *rest, is_leaf=is_masked_node)
   check_masks(masks)
   return jax.tree.map(lambda m, x, *r: guarded(x, m, *r), masks, tree, *rest, is_leaf=is_none)
 

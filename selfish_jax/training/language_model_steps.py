@@ -30,7 +30,7 @@ def window_loss(model: nn.Module, params: PyTree, carry: PyTree, window: Windows
   """
   if not train:
     nll, carry = models.eval_nll_sum(model, params, window.inputs, carry, window.targets,
-                                         window.weights)
+                                     window.weights)
     return nll, jnp.float32(0.0), carry
   (head, carry), collections = model.apply(
       {'params': params}, window.inputs, carry, train=True, weights=window.weights,

@@ -25,6 +25,7 @@ both find the same expired lease at the same moment can both take it over.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -126,21 +127,17 @@ def open_workdir(workdir: str, config: ml_collections.ConfigDict,
   check(saved, config)
 
 
-class _writing:  # pylint: disable=invalid-name
+@contextlib.contextmanager
+def _writing(path: epath.Path):
   """Within: a failure to write ``path`` (a missing bucket, missing credentials,
   no permission: each storage client raises its own type, none of which says
   which path it meant) becomes one WorkdirError naming it."""
-
-  def __init__(self, path):
-    self.path = path
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, traceback):
-    if error is None or not isinstance(error, Exception) or isinstance(error, WorkdirError):
-      return False
-    raise WorkdirError(f'cannot write {self.path} ({type(error).__name__}: {error}): check that '
+  try:
+    yield
+  except WorkdirError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    raise WorkdirError(f'cannot write {path} ({type(error).__name__}: {error}): check that '
                        'the folder or bucket exists and that this process may write to it'
                        ) from error
 
