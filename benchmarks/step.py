@@ -41,7 +41,6 @@ from selfish_jax.data.corpus import KNOWN_CORPORA
 from selfish_jax.sparsity import methods
 from selfish_jax.training import language_model_steps as lm_steps
 from selfish_jax.training import language_modelling, parallel, setup
-from selfish_jax.training.core import SparseTraining
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _STEPS = flags.DEFINE_integer('steps', 60, 'Timed train steps (after warm-up).')
@@ -183,8 +182,7 @@ def benchmark(config, parts=PARTS) -> dict:
   devices = parallel.make_mesh(config.num_devices).devices.size
   model = models.build_model(config, vocab, devices)
   keys = setup.RunKeys.from_seed(config.seed)
-  core = SparseTraining(setup.build_method(config, 1000), setup.build_optimizer(config),
-                        topology_key=keys.topology, gate_layout=model.gate_layout)
+  core = setup.build_core(config, 1000, model.gate_layout, keys.topology)
   method = core.method
   state = core.init_state(models.init_params(model, keys.params), keys.masks,
                           model.initial_carry(config.batch_size))

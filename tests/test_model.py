@@ -135,8 +135,8 @@ def test_chunk_steps_is_the_largest_fitting_divisor():
   assert softmax.chunk_steps(35, 20, 0) == 35
   assert softmax.chunk_steps(8, 3, 11) == 2
   with pytest.raises(ValueError, match='do not divide'):
-    softmax._weighted_nll_sum_fwd(jnp.zeros((7, 1, 2)), jnp.zeros((2, 3)), jnp.zeros(3),
-                                  jnp.zeros((7, 1), jnp.int32), jnp.zeros((7, 1)), 2)
+    softmax._chunked_softmax_nll_sum_fwd(jnp.zeros((7, 1, 2)), jnp.zeros((2, 3)), jnp.zeros(3),
+                                         jnp.zeros((7, 1), jnp.int32), jnp.zeros((7, 1)), 2)
 
 
 def test_fused_loss_in_bfloat16_gives_float32_gradients_close_to_plain():

@@ -41,7 +41,8 @@ def chunk_steps(steps: int, batch: int, target_rows: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def chunked_softmax_nll_sum(features: jax.Array, kernel: jax.Array, bias: jax.Array,
-                     targets: jax.Array, weights: jax.Array, steps_per_chunk: int) -> jax.Array:
+                            targets: jax.Array, weights: jax.Array, steps_per_chunk: int
+                            ) -> jax.Array:
   """``sum(weights * softmax_nll(...))`` over time-major ``features [T, B, H]``.
 
   Its gradient is computed during the forward pass, ``steps_per_chunk`` time
@@ -61,7 +62,7 @@ def _plain_weighted_nll_sum(features, kernel, bias, targets, weights):
   return jnp.sum(weights * softmax_nll(features, kernel, bias, targets))
 
 
-def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_chunk):
+def _chunked_softmax_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_chunk):
   steps = targets.shape[0]
   if steps % steps_per_chunk:
     raise ValueError(f'{steps_per_chunk} steps per chunk do not divide {steps} steps')
@@ -96,13 +97,13 @@ def _weighted_nll_sum_fwd(features, kernel, bias, targets, weights, steps_per_ch
   return jnp.sum(losses), grads
 
 
-def _weighted_nll_sum_bwd(steps_per_chunk, grads, cotangent):
+def _chunked_softmax_nll_sum_bwd(steps_per_chunk, grads, cotangent):
   del steps_per_chunk
   d_features, d_kernel, d_bias = (g * cotangent.astype(g.dtype) for g in grads)
   return d_features, d_kernel, d_bias, None, None
 
 
-chunked_softmax_nll_sum.defvjp(_weighted_nll_sum_fwd, _weighted_nll_sum_bwd)
+chunked_softmax_nll_sum.defvjp(_chunked_softmax_nll_sum_fwd, _chunked_softmax_nll_sum_bwd)
 
 
 @flax.struct.dataclass
@@ -133,5 +134,5 @@ class SoftmaxHead:
     weights = weights.T.astype(jnp.float32)
     if self.loss_chunk_rows > 0:
       return chunked_softmax_nll_sum(self.features, self.kernel, self.bias, targets.T, weights,
-                              chunk_steps(steps, batch, self.loss_chunk_rows))
+                                     chunk_steps(steps, batch, self.loss_chunk_rows))
     return _plain_weighted_nll_sum(self.features, self.kernel, self.bias, targets.T, weights)
