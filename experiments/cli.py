@@ -100,15 +100,27 @@ def run_distributed(train: Callable[[], object]) -> None:
   except UserError as e:
     fail_now(e)
   except Exception as e:  # pylint: disable=broad-except
-    text = str(e).strip()
-    if isinstance(e, jax.errors.JaxRuntimeError) or any(
-        marker in text for marker in _TRANSPORT_FAILURES):  # (orbax re-raises as ValueError)
-      first = text.splitlines()[0] if text else type(e).__name__
+    # orbax re-raises a peer's failure as a ValueError, or as its own barrier's TimeoutError.
+    peer_failure = next((cause for cause in _causes(e)
+                         if isinstance(cause, jax.errors.JaxRuntimeError)
+                         or any(marker in str(cause) for marker in _TRANSPORT_FAILURES)), None)
+    if peer_failure is not None:
+      text = str(peer_failure).strip()
+      first = text.splitlines()[0] if text else type(peer_failure).__name__
       fail_now(f'process {jax.process_index()} of {jax.process_count()} stops: a collective '
                f'with the other processes failed ({first}); the checkpoints in the workdir are '
                'kept, start every process again to resume')
     traceback.print_exc()
     fail_now(f'process {jax.process_index()} of {jax.process_count()} failed (traceback above)')
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+  """``error``, then the exceptions it was raised from or while handling."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
 
 
 # What the collectives' transports say when a peer process has gone.

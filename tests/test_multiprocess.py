@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 import fake_gcs
+from experiments import cli
 from selfish_jax.training import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +156,29 @@ def test_a_dying_process_stops_the_other_with_one_line(text_corpus_dir, tmp_path
   last = stderr.strip().splitlines()[-1]
   assert last.startswith('error: process 0 of 2 stops: a collective with the other processes '
                          'failed'), stderr[-3000:]
+
+
+def _peer_heartbeat_lost_in_a_checkpoint_barrier():
+  # What orbax raised in CI when the peer was killed during its async-write barrier.
+  try:
+    raise jax.errors.JaxRuntimeError('DEADLINE_EXCEEDED: Barrier failed\nTask 1 heartbeat timeout.')
+  except jax.errors.JaxRuntimeError as e:
+    raise TimeoutError('Timed out while waiting for async_write_complete barrier.') from e
+
+
+@pytest.mark.parametrize('train, line', [
+    (_peer_heartbeat_lost_in_a_checkpoint_barrier, 'stops: a collective with the other processes '
+     'failed (DEADLINE_EXCEEDED: Barrier failed); the checkpoints in the workdir are kept'),
+    (lambda: 1 / 0, 'failed (traceback above)'),
+])
+def test_a_failure_is_told_by_its_cause(monkeypatch, capsys, train, line):
+  def exit_with(message):
+    raise SystemExit(str(message))
+  monkeypatch.setattr(cli, 'fail_now', exit_with)
+  with pytest.raises(SystemExit) as stopped:
+    cli.run_distributed(train)
+  assert str(stopped.value).startswith(f'process 0 of 1 {line}')
+  assert ('Traceback' in capsys.readouterr().err) == line.endswith('(traceback above)')
 
 
 def test_processes_that_do_not_share_the_workdir_stop_with_one_line(text_corpus_dir, tmp_path):
