@@ -25,6 +25,7 @@ from selfish_jax.training.language_modelling import train_and_evaluate
 from selfish_jax.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, 'tests')
 TIMING = ('ms_per_step', 'tokens_per_s', 'epoch_time_s', 'train_tokens_per_s')
 
 
@@ -50,15 +51,29 @@ def _copy(finished, tmp_path):
   return config, copy, final
 
 
+def _data_files(folder):
+  """The array data files of a checkpoint folder."""
+  for directory, _, names in os.walk(folder):
+    parent, last = os.path.split(directory)
+    if last == 'd' and not os.path.basename(parent).startswith('ocdbt.process'):
+      yield from (os.path.join(directory, name) for name in names)
+
+
 def _damage(folder):
   """Cuts every data file of a checkpoint folder in half."""
-  for directory, _, names in os.walk(folder):
-    for name in names:
-      parent, folder = os.path.split(directory)
-      if folder == 'd' and not os.path.basename(parent).startswith('ocdbt.process'):
-        path = os.path.join(directory, name)
-        data = open(path, 'rb').read()
-        open(path, 'wb').write(data[:len(data) // 2])
+  for path in _data_files(folder):
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 2])
+
+
+def _overwrite(folder):
+  """Zeroes the second half of every data file of a checkpoint folder (the
+  sizes stay: the reads start, then fail)."""
+  for path in _data_files(folder):
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+      f.seek(size // 2)
+      f.write(bytes(size - size // 2))
 
 
 def test_an_unreadable_checkpoint_falls_back_to_the_one_before(finished, tmp_path, caplog):
@@ -74,6 +89,30 @@ def test_an_unreadable_checkpoint_falls_back_to_the_one_before(finished, tmp_pat
   [aside] = os.listdir(workdir / 'unreadable')
   assert aside.startswith('checkpoints-8-')
   assert _records(workdir) == _records(finished[1])
+
+
+_RESUME = """
+import sys
+from conftest import make_tiny_config
+from selfish_jax.training.language_modelling import train_and_evaluate
+config = make_tiny_config(sys.argv[1], dataset='text')
+config.update(num_epochs=2, max_steps_per_epoch=4, log_every=2)
+train_and_evaluate(config, sys.argv[2])
+"""
+
+
+def test_a_failed_read_leaves_nothing_on_the_terminal(finished, text_corpus_dir, tmp_path):
+  # The read's other arrays finish after it failed; each used to print a
+  # traceback (thousands of lines) at any moment up to the exit.
+  _, workdir, _ = _copy(finished, tmp_path)
+  _overwrite(workdir / 'checkpoints' / '8')
+  done = subprocess.run([sys.executable, '-c', _RESUME, text_corpus_dir, str(workdir)], cwd=ROOT,
+                        env={**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, TESTS])},
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'cannot be read' in done.stderr
+  for leftover in ('Traceback', 'never retrieved', 'never awaited', 'Event loop is closed'):
+    assert leftover not in done.stderr, done.stderr[-3000:]
 
 
 def test_no_readable_checkpoint_is_one_error_naming_it(finished, tmp_path):

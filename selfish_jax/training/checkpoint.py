@@ -32,7 +32,9 @@ import gc
 import logging as std_logging
 import os
 import shutil
+import sys
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 from absl import logging
@@ -125,14 +127,16 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         # tensorstore, JSON and file errors alike: anything that stops the read.
         unreadable.append((step, _first_line(e)))
-        _collect_failed_reads()
-        continue
-      for bad_step, error in unreadable:
-        moved_to = self._move_aside(bad_step)
-        logging.warning('The checkpoint of step %d in %s cannot be read (%s); it was moved to %s '
-                        'and the run resumes from the checkpoint of step %d.', bad_step,
-                        self._latest.directory, error, moved_to, step)
-      return restored['state'], restored['host']
+      else:
+        for bad_step, error in unreadable:
+          moved_to = self._move_aside(bad_step)
+          logging.warning('The checkpoint of step %d in %s cannot be read (%s); it was moved to '
+                          '%s and the run resumes from the checkpoint of step %d.', bad_step,
+                          self._latest.directory, error, moved_to, step)
+        return restored['state'], restored['host']
+      # After the except block, which held the error and, through its frames,
+      # the read's futures: only now can they be collected.
+      _collect_failed_reads()
     if unreadable:
       step, error = unreadable[0]
       raise WorkdirError(
@@ -205,6 +209,7 @@ class Checkpoints:
     step = self.best_step() if step is None else step
     if step is None:
       return None
+    _drop_failed_read_leftovers()
     try:
       return self._best.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
     except Exception as e:  # pylint: disable=broad-except
@@ -235,13 +240,51 @@ class Checkpoints:
 
 
 def _collect_failed_reads() -> None:
-  """Collects the futures of a read that failed now, without asyncio's line for
-  each ("exception was never retrieved", a page of tensorstore spec apiece):
-  the run's own warning or error says what could not be read."""
+  """Collects the futures of a read that failed now rather than at some later
+  moment (their leftovers are dropped: see :func:`_drop_failed_read_leftovers`)."""
+  gc.collect()
 
-  with _log_filter('asyncio',
-                   lambda record: 'exception was never retrieved' not in record.getMessage()):
-    gc.collect()
+
+def _is_failed_read_leftover(unraisable: Any) -> bool:
+  error, origin = unraisable.exc_value, unraisable.object
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    return True  # a read that completed after its event loop was closed
+  code = getattr(origin, 'cr_code', None)  # an orbax read's coroutine, collected unfinished
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
+def _not_an_unretrieved_read_error(record: std_logging.LogRecord) -> bool:
+  message = record.getMessage()
+  return not ('exception was never retrieved' in message and (
+      f'{os.sep}orbax{os.sep}' in message or 'TensorStore' in message))
+
+
+def _drop_failed_read_leftovers() -> None:
+  """Installs (once per process) before any read what drops only the
+  leftovers of failed orbax reads: the run's own warning or error says what
+  could not be read.
+
+  When one array of a read fails, the others are still being read; they
+  finish after orbax closed the read's event loop, and each leaves a traceback
+  ("Event loop is closed", its future's unretrieved error with a page of
+  tensorstore spec, or its coroutine's "never awaited") from another thread,
+  at any moment up to the exit: thousands of lines. Hence a
+  ``sys.unraisablehook`` (chained to the hook before it), a filter on asyncio's
+  log and one warnings filter, which stay.
+  """
+  std_logging.getLogger('asyncio').addFilter(_not_an_unretrieved_read_error)  # (added once)
+  previous = sys.unraisablehook
+  if not getattr(previous, 'drops_failed_read_leftovers', False):
+
+    def hook(unraisable):
+      if not _is_failed_read_leftover(unraisable):
+        previous(unraisable)
+
+    hook.drops_failed_read_leftovers = True
+    sys.unraisablehook = hook
+  # A read that had not started yet is collected as a coroutine never awaited.
+  warnings.filterwarnings('ignore', message=r"coroutine '_read_array\w*' was never awaited",
+                          category=RuntimeWarning)
 
 
 def _sync(name: str) -> None:
@@ -315,6 +358,7 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, like: PyTree,
                    **tree_likes: PyTree) -> dict:
   """The items of :func:`_save_state` at ``step`` (``'state'``, ``'host'`` and
   the trees named in ``tree_likes``, each shaped like its value)."""
+  _drop_failed_read_leftovers()
   return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore(),
       **{name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in tree_likes.items()}))
