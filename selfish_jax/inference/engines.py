@@ -6,7 +6,7 @@ sparse model can be faster there than the dense one. An engine implements a
 family's evaluation-mode step (no dropout; DropConnect's evaluation scaling
 where the family has one) from the same parameters as the Flax model, and
 gives its log-probabilities to float32 rounding. Engines exist for the
-families ``lstm`` and ``rhn`` (:data:`ENGINES`).
+families ``lstm``, ``rhn`` and ``onlstm`` (:data:`ENGINES`).
 """
 
 from __future__ import annotations
@@ -38,13 +38,16 @@ class Engine:
     self.export, self.kernel = export, kernel
     self.vocab_size = len(export.vocab)
 
-  def _matrix(self, *path: str, transpose: bool = False, lookups: bool = False) -> Matrix:
+  def _matrix(self, *path: str, transpose: bool = False, lookups: bool = False,
+              scale: float = 1.0) -> Matrix:
     weights, mask = self.export.params, self.export.masks
     for key in path:
       weights = weights[key]
       mask = mask[key] if mask is not None else None
     if transpose:
       weights, mask = weights.T, None if mask is None else mask.T
+    if scale != 1.0:  # as the model scales the matrix, not its product
+      weights = (weights * np.float32(scale)).astype(np.float32)
     return Matrix(weights, mask, self.kernel, lookups=lookups)
 
   def _decoder(self, embedding_path: tuple[str, ...]) -> tuple[Matrix, np.ndarray]:
@@ -160,9 +163,57 @@ class RHNEngine(Engine):
     return log_softmax(self.decoder.product(s) + self._decoder_bias), s
 
 
-# The families with a batch-1 engine. ON-LSTM and AWD-LSTM-MoS have none yet:
-# their exports load and evaluate with the Flax model (dense).
-ENGINES = {'lstm': LSTMEngine, 'rhn': RHNEngine}
+def _cumax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max())
+  return np.cumsum(e / e.sum()).astype(np.float32)
+
+
+class ONLSTMEngine(Engine):
+  """The Ordered-Neurons LSTM (``model='onlstm'``): fused kernels of columns
+  ``[master_i (n), master_f (n), o, g, i, f]``, ``n`` chunks of ``chunk_size``
+  units; layer sizes ``nhid x (nlayers - 1)`` then ``emsize``; the recurrent
+  kernels scaled by ``1 - weight_drop`` as ON-LSTM's DropConnect evaluates."""
+
+  def __init__(self, export: Export, kernel: str = 'auto'):
+    super().__init__(export, kernel)
+    config, params = export.config, export.params
+    self.layers, self.chunk_size = int(config['nlayers']), int(config['chunk_size'])
+    self.hidden_sizes = [int(config['nhid'])] * (self.layers - 1) + [int(config['emsize'])]
+    keep = 1.0 - float(config.get('weight_drop', 0.0))
+    self.embedding = self._matrix('embedding', lookups=True)
+    for layer in range(self.layers):
+      name = f'onlstm_{layer}'
+      setattr(self, f'{name}_input', self._matrix(name, 'input_kernel'))
+      setattr(self, f'{name}_recurrent', self._matrix(name, 'recurrent_kernel', scale=keep))
+    self._biases = [params[f'onlstm_{l}']['input_bias'] + params[f'onlstm_{l}']['recurrent_bias']
+                    for l in range(self.layers)]
+    self.decoder, self._decoder_bias = self._decoder(('embedding',))
+
+  def start(self) -> State:
+    return [(np.zeros(h, np.float32), np.zeros(h, np.float32)) for h in self.hidden_sizes]
+
+  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
+    x, new_state = self.embedding.row(token), []
+    for layer, (h, c) in enumerate(state):
+      pre = (getattr(self, f'onlstm_{layer}_input').product(x) + self._biases[layer]
+             + getattr(self, f'onlstm_{layer}_recurrent').product(h))
+      chunks = len(c) // self.chunk_size
+      master_i = np.repeat(1.0 - _cumax(pre[:chunks]), self.chunk_size)
+      master_f = np.repeat(_cumax(pre[chunks:2 * chunks]), self.chunk_size)
+      o, g, i, f = np.split(pre[2 * chunks:], 4)
+      overlap = master_f * master_i
+      f = _sigmoid(f) * overlap + (master_f - overlap)
+      i = _sigmoid(i) * overlap + (master_i - overlap)
+      c = (f * c + i * np.tanh(g)).astype(np.float32)
+      h = (_sigmoid(o) * np.tanh(c)).astype(np.float32)
+      new_state.append((h, c))
+      x = h
+    return log_softmax(self.decoder.product(x) + self._decoder_bias), new_state
+
+
+# The families with a batch-1 engine. AWD-LSTM-MoS has none yet: its exports
+# load and evaluate with the Flax model (dense).
+ENGINES = {'lstm': LSTMEngine, 'rhn': RHNEngine, 'onlstm': ONLSTMEngine}
 
 
 def engine_for(export: Export, kernel: str = 'auto') -> Engine:
