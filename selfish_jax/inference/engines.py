@@ -5,8 +5,8 @@ Generation and scoring of one sequence read every weight once a token, so a
 sparse model can be faster there than the dense one. An engine implements a
 family's evaluation-mode step (no dropout; DropConnect's evaluation scaling
 where the family has one) from the same parameters as the Flax model, and
-gives its log-probabilities to float32 rounding. Engines exist for the
-families ``lstm``, ``rhn`` and ``onlstm`` (:data:`ENGINES`).
+gives its log-probabilities to float32 rounding. Every family has one
+(:data:`ENGINES`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Engine:
     self.vocab_size = len(export.vocab)
 
   def _matrix(self, *path: str, transpose: bool = False, lookups: bool = False,
-              scale: float = 1.0) -> Matrix:
+              scale: float = 1.0, rows: int = 1) -> Matrix:
     weights, mask = self.export.params, self.export.masks
     for key in path:
       weights = weights[key]
@@ -48,13 +48,13 @@ class Engine:
       weights, mask = weights.T, None if mask is None else mask.T
     if scale != 1.0:  # as the model scales the matrix, not its product
       weights = (weights * np.float32(scale)).astype(np.float32)
-    return Matrix(weights, mask, self.kernel, lookups=lookups)
+    return Matrix(weights, mask, self.kernel, lookups=lookups, rows=rows)
 
-  def _decoder(self, embedding_path: tuple[str, ...]) -> tuple[Matrix, np.ndarray]:
+  def _decoder(self, embedding_path: tuple[str, ...], rows: int = 1) -> tuple[Matrix, np.ndarray]:
     params = self.export.params
     if 'decoder_kernel' in params:
-      return self._matrix('decoder_kernel'), params['decoder_bias']
-    return self._matrix(*embedding_path, transpose=True), params['decoder_bias']
+      return self._matrix('decoder_kernel', rows=rows), params['decoder_bias']
+    return self._matrix(*embedding_path, transpose=True, rows=rows), params['decoder_bias']
 
   @property
   def matrices(self) -> dict[str, Matrix]:
@@ -111,14 +111,17 @@ class LSTMEngine(Engine):
       setattr(self, f'{name}_recurrent', self._matrix(name, 'recurrent_kernel'))
     self._biases = [params[f'lstm_{l}']['input_bias'] + params[f'lstm_{l}']['recurrent_bias']
                     for l in range(self.layers)]
+    self._init_head()
+
+  def _init_head(self) -> None:
     self.decoder, self._decoder_bias = self._decoder(('embedding',))
 
   def start(self) -> State:
-    hidden = int(self.export.config['nhid'])
-    return [(np.zeros(hidden, np.float32), np.zeros(hidden, np.float32))
-            for _ in range(self.layers)]
+    return [(np.zeros(len(bias) // 4, np.float32), np.zeros(len(bias) // 4, np.float32))
+            for bias in self._biases]
 
-  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
+  def _stack(self, token: int, state: State) -> tuple[np.ndarray, State]:
+    """The last layer's output and the new state."""
     x, new_state = self.embedding.row(token), []
     for layer, (h, c) in enumerate(state):
       pre = (getattr(self, f'lstm_{layer}_input').product(x) + self._biases[layer]
@@ -128,7 +131,11 @@ class LSTMEngine(Engine):
       h = (_sigmoid(o) * np.tanh(c)).astype(np.float32)
       new_state.append((h, c.astype(np.float32)))
       x = h
-    return log_softmax(self.decoder.product(x) + self._decoder_bias), new_state
+    return x, new_state
+
+  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
+    x, state = self._stack(token, state)
+    return log_softmax(self.decoder.product(x) + self._decoder_bias), state
 
 
 class RHNEngine(Engine):
@@ -211,9 +218,33 @@ class ONLSTMEngine(Engine):
     return log_softmax(self.decoder.product(x) + self._decoder_bias), new_state
 
 
-# The families with a batch-1 engine. AWD-LSTM-MoS has none yet: its exports
-# load and evaluate with the Flax model (dense).
-ENGINES = {'lstm': LSTMEngine, 'rhn': RHNEngine, 'onlstm': ONLSTMEngine}
+class MixtureOfSoftmaxesEngine(LSTMEngine):
+  """AWD-LSTM-MoS (``model='awd_lstm_mos'``): the LSTM stack (its DropConnect
+  leaves the weights as they are at evaluation), then ``n_experts`` softmaxes
+  of the latent vectors mixed by the prior; the decoder takes the experts'
+  latent vectors as one ``[n_experts, emsize]`` product."""
+
+  def _init_head(self) -> None:
+    self.experts = int(self.export.config['n_experts'])
+    self.latent = self._matrix('latent_kernel')
+    self.prior = self._matrix('prior_kernel')
+    self._latent_bias = self.export.params['latent_bias']
+    self.decoder, self._decoder_bias = self._decoder(('embedding',), rows=self.experts)
+
+  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
+    x, state = self._stack(token, state)
+    latent = np.tanh(self.latent.product(x) + self._latent_bias).reshape(self.experts, -1)
+    logits = self.decoder.product(latent.astype(np.float32)) + self._decoder_bias
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_experts = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    mixed = log_experts + log_softmax(self.prior.product(x))[:, None]
+    top = mixed.max(axis=0)
+    return (top + np.log(np.exp(mixed - top).sum(axis=0))).astype(np.float32), state
+
+
+# The families with a batch-1 engine: all of them.
+ENGINES = {'lstm': LSTMEngine, 'rhn': RHNEngine, 'onlstm': ONLSTMEngine,
+           'awd_lstm_mos': MixtureOfSoftmaxesEngine}
 
 
 def engine_for(export: Export, kernel: str = 'auto') -> Engine:

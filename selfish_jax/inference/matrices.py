@@ -40,10 +40,11 @@ class Matrix:
     mask: its mask, or None for a dense matrix (always kept dense).
     kernel: ``'auto'`` (measure which is faster), ``'sparse'`` or ``'dense'``.
     lookups: whether :meth:`row` is used (an embedding), not :meth:`product`.
+    rows: how many vectors :meth:`product` takes at once (the measurement's).
   """
 
   def __init__(self, weights: np.ndarray, mask: np.ndarray | None = None, kernel: str = 'auto',
-               lookups: bool = False):
+               lookups: bool = False, rows: int = 1):
     if kernel not in KERNELS:
       raise ValueError(f'unknown kernel {kernel!r}; expected one of {KERNELS}')
     self.shape = weights.shape
@@ -56,7 +57,8 @@ class Matrix:
     self._csr = scipy_sparse.csr_matrix(weights if lookups else weights.T)
     self.kernel = 'sparse'
     if kernel == 'auto':
-      x = np.random.default_rng(0).standard_normal(self.shape[1 if lookups else 0], np.float32)
+      x = np.random.default_rng(0).standard_normal(
+          (self.shape[1 if lookups else 0],) if rows == 1 else (rows, self.shape[0]), np.float32)
       use = (lambda: self.row(7 % self.shape[0])) if lookups else (lambda: self.product(x))
       repeats = max(3, min(50, int(2e7 // max(weights.size, 1))))
       self.timings['sparse'] = _timed(use, repeats)
@@ -67,10 +69,10 @@ class Matrix:
       self._dense = None  # keep one copy: the memory is half the point
 
   def product(self, x: np.ndarray) -> np.ndarray:
-    """``x [in] @ W`` -> ``[out]`` (float32)."""
+    """``x [in] @ W`` -> ``[out]``, or ``x [rows, in] @ W`` -> ``[rows, out]`` (float32)."""
     if self.kernel == 'dense':
       return x @ self._dense
-    return self._csr @ x
+    return self._csr @ x if x.ndim == 1 else (self._csr @ x.T).T
 
   def row(self, index: int) -> np.ndarray:
     """Row ``index`` of ``W`` (an embedding lookup)."""
