@@ -20,6 +20,7 @@ import pytest
 from conftest import make_tiny_config, write_text_corpus
 from selfish_jax.errors import ConfigError, DataError, TrainingDiverged, WorkdirError
 from selfish_jax.training import metrics as metrics_lib
+from selfish_jax.training.checkpoint import Checkpoints
 from selfish_jax.training.core import SparseTraining
 from selfish_jax.training.language_modelling import train_and_evaluate
 from selfish_jax.training import workdir as workdir_lib
@@ -153,6 +154,23 @@ def test_unreadable_best_weights_are_one_error_naming_them(finished, tmp_path):
   _damage(workdir / 'best' / best)
   with pytest.raises(WorkdirError, match=rf'^the best weights {workdir}/best/{best} cannot be read'):
     train_and_evaluate(config, str(workdir))
+
+
+def test_a_reader_follows_a_run_that_moves_on_while_it_reads(finished, tmp_path):
+  # analyze, export and generate read running runs, whose older checkpoints
+  # go as newer ones come: a reader listed [4, 8]; the run then saved 12 and
+  # deleted 4 and 8 (12 a copy of 8 here, so the answer is known).
+  _, workdir, _ = _copy(finished, tmp_path)
+  reader = Checkpoints(str(workdir), read_only=True)
+  masks, best_step, best = reader.latest_masks(), reader.best_step(), reader.restore_best(None)
+  shutil.copytree(workdir / 'checkpoints' / '8', workdir / 'checkpoints' / '12')
+  for step in ('4', '8'):
+    shutil.rmtree(workdir / 'checkpoints' / step)
+  equal = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  assert equal(reader.latest_masks(), masks)
+  assert reader.best_step() == best_step
+  assert equal(reader.restore_best(None), best)
+  reader.close()
 
 
 def test_a_workdir_in_use_is_refused_naming_its_holder(tmp_path):

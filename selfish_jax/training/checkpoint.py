@@ -50,6 +50,8 @@ PyTree = Any
 # Latest checkpoints kept: the newest, and the one to fall back to if it cannot be read.
 KEEP = 2
 UNREADABLE = 'unreadable'  # where checkpoints that cannot be read are moved
+# Reads a reader of a running run tries while the run deletes what it reads.
+_READ_ATTEMPTS = 5
 
 
 def _manager(directory: str, max_to_keep: int | None, read_only: bool) -> ocp.CheckpointManager:
@@ -93,10 +95,11 @@ def _first_line(error: BaseException) -> str:
 
 class Checkpoints:
   """The latest-state, best-weights and switch checkpoints of one workdir
-  (``read_only``: of another run, or for a reader such as an export)."""
+  (``read_only``: of another run, or for a reader such as an export, which
+  follows a running run that deletes what it was reading)."""
 
   def __init__(self, workdir: str, read_only: bool = False):
-    self.workdir = workdir
+    self.workdir, self.read_only = workdir, read_only
     self._latest = _manager(os.path.join(workdir, 'checkpoints'), KEEP, read_only)
     self._best = _manager(os.path.join(workdir, 'best'), None, read_only)
     self._switch = _manager(os.path.join(workdir, 'switch'), None, read_only)
@@ -167,12 +170,37 @@ class Checkpoints:
   def latest_masks(self) -> PyTree | None:
     """The masks of the latest checkpoint, read without the model (nested dicts
     of arrays, None for dense leaves), or None if there is no checkpoint."""
-    step = self._latest.latest_step()
-    if step is None:
-      return None
-    restored = self._latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-    return restored['state']['masks']
+
+    def read():
+      step = self._latest.latest_step()
+      if step is None:
+        return None
+      return self._latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']['masks']
+
+    return self._as_the_run_moves_on(read)
+
+  def _as_the_run_moves_on(self, read: Callable[[], Any]) -> Any:
+    """``read()``. A reader of a running run (``read_only``) reads again, on
+    the new listing, when the run deleted what it was reading meanwhile: its
+    older checkpoints and best weights go as it moves on."""
+    _drop_failed_read_leftovers()
+    if not self.read_only:
+      return read()
+    for attempt in range(1, _READ_ATTEMPTS + 1):
+      listing = self._listing()
+      try:
+        return read()
+      except Exception:  # pylint: disable=broad-except
+        if attempt == _READ_ATTEMPTS or self._listing() == listing:
+          raise  # nothing moved: the error is the reader's answer
+      _collect_failed_reads()
+
+  def _listing(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The steps of the latest checkpoints and best weights, as stored now."""
+    self._latest.reload()
+    self._best.reload()
+    return tuple(self._latest.all_steps()), tuple(self._best.all_steps())
 
   # The best weights.
 
@@ -197,25 +225,35 @@ class Checkpoints:
   def best_step(self) -> int | None:
     """The step of the best weights that the latest checkpoint names (for readers
     of a run: an entry newer than the checkpoint is not committed yet)."""
-    step = self._latest.latest_step()
-    if step is None:
-      return self.newest_best()
-    host = self._latest.restore(step, args=ocp.args.Composite(host=ocp.args.JsonRestore()))['host']
-    return host['best_step'] if 'best_step' in host else self.newest_best()
+
+    def read():
+      step = self._latest.latest_step()
+      if step is None:
+        return self.newest_best()
+      host = self._latest.restore(step, args=ocp.args.Composite(
+          host=ocp.args.JsonRestore()))['host']
+      return host['best_step'] if 'best_step' in host else self.newest_best()
+
+    return self._as_the_run_moves_on(read)
 
   def restore_best(self, like: PyTree, step: int | None = None) -> PyTree | None:
     """The best weights saved at ``step`` (default: :meth:`best_step`), shaped like
     ``like``, or None if there are none."""
-    step = self.best_step() if step is None else step
-    if step is None:
-      return None
-    _drop_failed_read_leftovers()
+    best = step
+
+    def read():
+      nonlocal best
+      best = self.best_step() if step is None else step
+      if best is None:
+        return None
+      return self._best.restore(best, args=ocp.args.StandardRestore(_abstract(like)))
+
     try:
-      return self._best.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+      return self._as_the_run_moves_on(read)
     except Exception as e:  # pylint: disable=broad-except
       error = _first_line(e)
     _collect_failed_reads()
-    raise WorkdirError(f'the best weights {self._best.directory / str(step)} cannot be read '
+    raise WorkdirError(f'the best weights {self._best.directory / str(best)} cannot be read '
                        f'({error})')
 
   # Where averaging switched on.
