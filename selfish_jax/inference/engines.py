@@ -26,9 +26,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
   return (np.tanh(x * 0.5) * 0.5 + 0.5).astype(np.float32)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-  shifted = logits - logits.max()
-  return (shifted - np.log(np.exp(shifted).sum())).astype(np.float32)
+def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+  shifted = logits - logits.max(axis=axis, keepdims=True)
+  return (shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))).astype(np.float32)
 
 
 class Engine:
@@ -98,7 +98,11 @@ class Engine:
 
 
 class LSTMEngine(Engine):
-  """The stacked LSTM (``model='lstm'``): gates i, f, g, o of one fused kernel."""
+  """The stacked LSTM (``model='lstm'``): gates i, f, g, o of one fused kernel.
+  Subclasses of other stacked cells set :attr:`LAYER` and override :meth:`_cell`
+  (and :meth:`_init_head` for another output layer)."""
+
+  LAYER = 'lstm'  # the layers' parameter names: LAYER_0, LAYER_1, ...
 
   def __init__(self, export: Export, kernel: str = 'auto'):
     super().__init__(export, kernel)
@@ -106,31 +110,42 @@ class LSTMEngine(Engine):
     self.layers = int(export.config['nlayers'])
     self.embedding = self._matrix('embedding', lookups=True)
     for layer in range(self.layers):
-      name = f'lstm_{layer}'
+      name = f'{self.LAYER}_{layer}'
       setattr(self, f'{name}_input', self._matrix(name, 'input_kernel'))
-      setattr(self, f'{name}_recurrent', self._matrix(name, 'recurrent_kernel'))
-    self._biases = [params[f'lstm_{l}']['input_bias'] + params[f'lstm_{l}']['recurrent_bias']
-                    for l in range(self.layers)]
+      setattr(self, f'{name}_recurrent', self._matrix(name, 'recurrent_kernel',
+                                                      scale=self._recurrent_scale()))
+    self._biases = [params[f'{self.LAYER}_{l}']['input_bias']
+                    + params[f'{self.LAYER}_{l}']['recurrent_bias'] for l in range(self.layers)]
     self._init_head()
+
+  def _recurrent_scale(self) -> float:
+    """What the model multiplies its recurrent kernels by at evaluation."""
+    return 1.0
 
   def _init_head(self) -> None:
     self.decoder, self._decoder_bias = self._decoder(('embedding',))
 
+  def _recurrent(self, layer: int) -> Matrix:
+    return getattr(self, f'{self.LAYER}_{layer}_recurrent')
+
   def start(self) -> State:
-    return [(np.zeros(len(bias) // 4, np.float32), np.zeros(len(bias) // 4, np.float32))
-            for bias in self._biases]
+    sizes = [self._recurrent(layer).shape[0] for layer in range(self.layers)]
+    return [(np.zeros(size, np.float32), np.zeros(size, np.float32)) for size in sizes]
+
+  def _cell(self, pre: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(h, c)`` from the fused pre-activations and the previous cell."""
+    i, f, g, o = np.split(pre, 4)
+    c = (_sigmoid(f) * c + _sigmoid(i) * np.tanh(g)).astype(np.float32)
+    return (_sigmoid(o) * np.tanh(c)).astype(np.float32), c
 
   def _stack(self, token: int, state: State) -> tuple[np.ndarray, State]:
     """The last layer's output and the new state."""
     x, new_state = self.embedding.row(token), []
     for layer, (h, c) in enumerate(state):
-      pre = (getattr(self, f'lstm_{layer}_input').product(x) + self._biases[layer]
-             + getattr(self, f'lstm_{layer}_recurrent').product(h))
-      i, f, g, o = np.split(pre, 4)
-      c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-      h = (_sigmoid(o) * np.tanh(c)).astype(np.float32)
-      new_state.append((h, c.astype(np.float32)))
-      x = h
+      pre = (getattr(self, f'{self.LAYER}_{layer}_input').product(x) + self._biases[layer]
+             + self._recurrent(layer).product(h))
+      x, c = self._cell(pre, c)
+      new_state.append((x, c))
     return x, new_state
 
   def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
@@ -175,47 +190,31 @@ def _cumax(x: np.ndarray) -> np.ndarray:
   return np.cumsum(e / e.sum()).astype(np.float32)
 
 
-class ONLSTMEngine(Engine):
+class ONLSTMEngine(LSTMEngine):
   """The Ordered-Neurons LSTM (``model='onlstm'``): fused kernels of columns
   ``[master_i (n), master_f (n), o, g, i, f]``, ``n`` chunks of ``chunk_size``
-  units; layer sizes ``nhid x (nlayers - 1)`` then ``emsize``; the recurrent
-  kernels scaled by ``1 - weight_drop`` as ON-LSTM's DropConnect evaluates."""
+  units; the recurrent kernels scaled by ``1 - weight_drop`` as ON-LSTM's
+  DropConnect evaluates."""
+
+  LAYER = 'onlstm'
 
   def __init__(self, export: Export, kernel: str = 'auto'):
+    self.chunk_size = int(export.config['chunk_size'])
     super().__init__(export, kernel)
-    config, params = export.config, export.params
-    self.layers, self.chunk_size = int(config['nlayers']), int(config['chunk_size'])
-    self.hidden_sizes = [int(config['nhid'])] * (self.layers - 1) + [int(config['emsize'])]
-    keep = 1.0 - float(config.get('weight_drop', 0.0))
-    self.embedding = self._matrix('embedding', lookups=True)
-    for layer in range(self.layers):
-      name = f'onlstm_{layer}'
-      setattr(self, f'{name}_input', self._matrix(name, 'input_kernel'))
-      setattr(self, f'{name}_recurrent', self._matrix(name, 'recurrent_kernel', scale=keep))
-    self._biases = [params[f'onlstm_{l}']['input_bias'] + params[f'onlstm_{l}']['recurrent_bias']
-                    for l in range(self.layers)]
-    self.decoder, self._decoder_bias = self._decoder(('embedding',))
 
-  def start(self) -> State:
-    return [(np.zeros(h, np.float32), np.zeros(h, np.float32)) for h in self.hidden_sizes]
+  def _recurrent_scale(self) -> float:
+    return 1.0 - float(self.export.config.get('weight_drop', 0.0))
 
-  def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
-    x, new_state = self.embedding.row(token), []
-    for layer, (h, c) in enumerate(state):
-      pre = (getattr(self, f'onlstm_{layer}_input').product(x) + self._biases[layer]
-             + getattr(self, f'onlstm_{layer}_recurrent').product(h))
-      chunks = len(c) // self.chunk_size
-      master_i = np.repeat(1.0 - _cumax(pre[:chunks]), self.chunk_size)
-      master_f = np.repeat(_cumax(pre[chunks:2 * chunks]), self.chunk_size)
-      o, g, i, f = np.split(pre[2 * chunks:], 4)
-      overlap = master_f * master_i
-      f = _sigmoid(f) * overlap + (master_f - overlap)
-      i = _sigmoid(i) * overlap + (master_i - overlap)
-      c = (f * c + i * np.tanh(g)).astype(np.float32)
-      h = (_sigmoid(o) * np.tanh(c)).astype(np.float32)
-      new_state.append((h, c))
-      x = h
-    return log_softmax(self.decoder.product(x) + self._decoder_bias), new_state
+  def _cell(self, pre: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    chunks = len(c) // self.chunk_size
+    master_i = np.repeat(1.0 - _cumax(pre[:chunks]), self.chunk_size)
+    master_f = np.repeat(_cumax(pre[chunks:2 * chunks]), self.chunk_size)
+    o, g, i, f = np.split(pre[2 * chunks:], 4)
+    overlap = master_f * master_i
+    f = _sigmoid(f) * overlap + (master_f - overlap)
+    i = _sigmoid(i) * overlap + (master_i - overlap)
+    c = (f * c + i * np.tanh(g)).astype(np.float32)
+    return (_sigmoid(o) * np.tanh(c)).astype(np.float32), c
 
 
 class MixtureOfSoftmaxesEngine(LSTMEngine):
@@ -234,9 +233,8 @@ class MixtureOfSoftmaxesEngine(LSTMEngine):
   def step(self, token: int, state: State) -> tuple[np.ndarray, State]:
     x, state = self._stack(token, state)
     latent = np.tanh(self.latent.product(x) + self._latent_bias).reshape(self.experts, -1)
-    logits = self.decoder.product(latent.astype(np.float32)) + self._decoder_bias
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_experts = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_experts = log_softmax(
+        self.decoder.product(latent.astype(np.float32)) + self._decoder_bias, axis=1)
     mixed = log_experts + log_softmax(self.prior.product(x))[:, None]
     top = mixed.max(axis=0)
     return (top + np.log(np.exp(mixed - top).sum(axis=0))).astype(np.float32), state
