@@ -100,6 +100,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, read_only: bool = False):
     self.workdir, self.read_only = workdir, read_only
+    _drop_failed_read_leftovers()
     self._latest = _manager(os.path.join(workdir, 'checkpoints'), KEEP, read_only)
     self._best = _manager(os.path.join(workdir, 'best'), None, read_only)
     self._switch = _manager(os.path.join(workdir, 'switch'), None, read_only)
@@ -184,7 +185,6 @@ class Checkpoints:
     """``read()``. A reader of a running run (``read_only``) reads again, on
     the new listing, when the run deleted what it was reading meanwhile: its
     older checkpoints and best weights go as it moves on."""
-    _drop_failed_read_leftovers()
     if not self.read_only:
       return read()
     for attempt in range(1, _READ_ATTEMPTS + 1):
@@ -226,15 +226,16 @@ class Checkpoints:
     """The step of the best weights that the latest checkpoint names (for readers
     of a run: an entry newer than the checkpoint is not committed yet)."""
 
-    def read():
-      step = self._latest.latest_step()
-      if step is None:
-        return self.newest_best()
-      host = self._latest.restore(step, args=ocp.args.Composite(
-          host=ocp.args.JsonRestore()))['host']
-      return host['best_step'] if 'best_step' in host else self.newest_best()
+    return self._as_the_run_moves_on(self._named_best_step)
 
-    return self._as_the_run_moves_on(read)
+  def _named_best_step(self) -> int | None:
+    """:meth:`best_step`, read once."""
+    step = self._latest.latest_step()
+    if step is None:
+      return self.newest_best()
+    host = self._latest.restore(step, args=ocp.args.Composite(
+        host=ocp.args.JsonRestore()))['host']
+    return host['best_step'] if 'best_step' in host else self.newest_best()
 
   def restore_best(self, like: PyTree, step: int | None = None) -> PyTree | None:
     """The best weights saved at ``step`` (default: :meth:`best_step`), shaped like
@@ -243,7 +244,7 @@ class Checkpoints:
 
     def read():
       nonlocal best
-      best = self.best_step() if step is None else step
+      best = self._named_best_step() if step is None else step
       if best is None:
         return None
       return self._best.restore(best, args=ocp.args.StandardRestore(_abstract(like)))
@@ -298,9 +299,9 @@ def _not_an_unretrieved_read_error(record: std_logging.LogRecord) -> bool:
 
 
 def _drop_failed_read_leftovers() -> None:
-  """Installs (once per process) before any read what drops only the
-  leftovers of failed orbax reads: the run's own warning or error says what
-  could not be read.
+  """Installs (once per process: each :class:`Checkpoints` calls it, before
+  any read) what drops only the leftovers of failed orbax reads: the run's own
+  warning or error says what could not be read.
 
   When one array of a read fails, the others are still being read; they
   finish after orbax closed the read's event loop, and each leaves a traceback
@@ -396,7 +397,6 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, like: PyTree,
                    **tree_likes: PyTree) -> dict:
   """The items of :func:`_save_state` at ``step`` (``'state'``, ``'host'`` and
   the trees named in ``tree_likes``, each shaped like its value)."""
-  _drop_failed_read_leftovers()
   return manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(_abstract(like)), host=ocp.args.JsonRestore(),
       **{name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in tree_likes.items()}))
