@@ -156,20 +156,37 @@ def test_unreadable_best_weights_are_one_error_naming_them(finished, tmp_path):
     train_and_evaluate(config, str(workdir))
 
 
-def test_a_reader_follows_a_run_that_moves_on_while_it_reads(finished, tmp_path):
+def test_a_reader_follows_a_run_that_moves_on_while_it_reads(finished, tmp_path, monkeypatch):
   # analyze, export and generate read running runs, whose older checkpoints
-  # go as newer ones come: a reader listed [4, 8]; the run then saved 12 and
-  # deleted 4 and 8 (12 a copy of 8 here, so the answer is known).
+  # go as newer ones come. Here the run moves on once during each read, between
+  # the reader's listing and its restore: it saves a new checkpoint (a copy of
+  # the newest, so the answer is known) and deletes the ones it had.
   _, workdir, _ = _copy(finished, tmp_path)
   reader = Checkpoints(str(workdir), read_only=True)
   masks, best_step, best = reader.latest_masks(), reader.best_step(), reader.restore_best(None)
-  shutil.copytree(workdir / 'checkpoints' / '8', workdir / 'checkpoints' / '12')
-  for step in ('4', '8'):
-    shutil.rmtree(workdir / 'checkpoints' / step)
+  checkpoints, steps, moving = workdir / 'checkpoints', [8], [False]
+  restore = ocp.CheckpointManager.restore
+
+  def run_moves_on_then_restore(manager, step, *args, **kwargs):
+    if moving[0] and step == steps[-1]:
+      moving[0] = False
+      steps.append(step + 4)
+      shutil.copytree(checkpoints / str(step), checkpoints / str(step + 4))
+      for old in os.listdir(checkpoints):
+        if int(old) <= step:
+          shutil.rmtree(checkpoints / old)
+    return restore(manager, step, *args, **kwargs)
+
+  def while_the_run_moves_on(read):
+    moving[0] = True
+    return read()
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', run_moves_on_then_restore)
   equal = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
-  assert equal(reader.latest_masks(), masks)
-  assert reader.best_step() == best_step
-  assert equal(reader.restore_best(None), best)
+  assert equal(while_the_run_moves_on(reader.latest_masks), masks)
+  assert while_the_run_moves_on(reader.best_step) == best_step
+  assert equal(while_the_run_moves_on(lambda: reader.restore_best(None)), best)
+  assert steps == [8, 12, 16, 20]  # the run moved on during each of the three reads
   reader.close()
 
 
