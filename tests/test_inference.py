@@ -9,12 +9,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 import pytest
 
 from conftest import make_tiny_config
 from selfish_jax import models
-from selfish_jax.inference import engines, export, matrices
+from selfish_jax.inference import engines, export, kernels, matrices
 from selfish_jax.training import language_model_steps as lm_steps
 from selfish_jax.training import parallel
 from selfish_jax.training.language_modelling import LanguageModelling, train_and_evaluate
@@ -67,7 +68,7 @@ def test_an_export_loads_back_as_the_same_model(runs, family, tmp_path):
 
 
 @pytest.mark.parametrize('family', list(engines.ENGINES))
-@pytest.mark.parametrize('kernel', ['sparse', 'dense', 'auto'])
+@pytest.mark.parametrize('kernel', ['bitmap', 'csr', 'dense', 'auto'])
 def test_an_engine_gives_the_models_log_probabilities(runs, family, kernel, tmp_path):
   config, workdir, _ = runs[family]
   export.export_run(str(workdir), str(tmp_path / 'model.npz'))
@@ -119,19 +120,70 @@ def test_sizes_follow_the_storage_arithmetic(tmp_path):
 
 
 def test_the_kernel_is_the_faster_one_measured_per_matrix():
-  rng = np.random.default_rng(1)
-  weights = rng.standard_normal((1500, 4000)).astype(np.float32)
-  for density in (0.003, 0.9):
-    mask = rng.random(weights.shape) < density
-    matrix = matrices.Matrix(weights * mask, mask, 'auto')
-    assert matrix.kernel == min(matrix.timings, key=matrix.timings.get)
-    x = rng.standard_normal(1500).astype(np.float32)
-    np.testing.assert_allclose(matrix.product(x), x @ (weights * mask), rtol=1e-4, atol=1e-4)
-  # Far from the crossover the choice is clear-cut.
-  sparse = matrices.Matrix(weights * (rng.random(weights.shape) < 0.003), None, 'auto')
-  assert sparse.kernel == 'dense'  # no mask: a dense matrix stays dense
-  very_sparse = rng.random(weights.shape) < 0.003
-  assert matrices.Matrix(weights * very_sparse, very_sparse, 'auto').kernel == 'sparse'
+  # One thread: the other xdist workers hold the other cores, and a parallel product
+  # waits for its slowest thread (a descheduled one costs milliseconds).
+  threads = numba.get_num_threads()
+  numba.set_num_threads(1)
+  try:
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal((1500, 4000)).astype(np.float32)
+    for density in (0.003, 0.9):
+      mask = rng.random(weights.shape) < density
+      matrix = matrices.Matrix(weights * mask, mask, 'auto')
+      assert set(matrix.timings) == {'bitmap', 'csr', 'dense'}
+      assert matrix.kernel == min(matrix.timings, key=matrix.timings.get)
+      x = rng.standard_normal(1500).astype(np.float32)
+      np.testing.assert_allclose(matrix.product(x), x @ (weights * mask), rtol=1e-4, atol=1e-4)
+    # Far from the crossover the choice is clear-cut.
+    sparse = matrices.Matrix(weights * (rng.random(weights.shape) < 0.003), None, 'auto')
+    assert sparse.kernel == 'dense'  # no mask: a dense matrix stays dense
+    very_sparse = rng.random(weights.shape) < 0.003
+    assert matrices.Matrix(weights * very_sparse, very_sparse, 'auto').kernel == 'csr'
+  finally:
+    numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize('portable', [False, True])
+def test_the_sparse_layouts_multiply_and_look_up_exactly_their_active_weights(portable):
+  rng = np.random.default_rng(2)
+  # Odd shapes (not whole blocks, gathers or loop iterations), an empty row and a full one;
+  # more columns than 16-bit indices hold.
+  for rows, columns, density in ((5, 7, 0.5), (33, 100, 0.3), (70, 1000, 0.05), (3, 70_000, 0.01)):
+    mask = rng.random((rows, columns)) < density
+    mask[1], mask[-1] = False, True
+    weights = (rng.standard_normal((rows, columns)) * mask).astype(np.float32)
+    active = int(mask.sum())
+    bitmap = kernels.bitmap_rows(weights, mask)
+    assert bitmap.padded_columns % (kernels.LANES * kernels.UNROLL) == 0
+    assert bitmap.padded_columns - columns < kernels.LANES * kernels.UNROLL
+    assert bitmap.nbytes == 4 * (active + 16) + 8 * (rows + 1) + 2 * rows * bitmap.padded_columns // 16
+    compressed = kernels.compressed_rows(weights, mask)
+    index_bytes = 2 if columns <= 65_536 else 4
+    assert compressed.columns_of.itemsize == index_bytes
+    assert compressed.nbytes == (4 + index_bytes) * active + 8 * (rows + 1)
+    x = rng.standard_normal(columns).astype(np.float32)
+    exact = weights.astype(np.float64) @ x
+    for layout in (bitmap, compressed):
+      product = kernels.product(layout, x, portable)
+      np.testing.assert_allclose(product, exact, rtol=1e-5, atol=1e-5)
+      assert product[1] == 0.0
+      for index in (0, 1, rows - 1):
+        np.testing.assert_array_equal(kernels.row(layout, index), weights[index])
+
+
+def test_every_kernel_gives_the_same_products_and_rows():
+  rng = np.random.default_rng(3)
+  mask = rng.random((300, 200)) < 0.2
+  weights = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
+  x, xs = rng.standard_normal(300).astype(np.float32), rng.standard_normal((3, 300)).astype(np.float32)
+  for kernel in matrices.KERNELS[1:]:
+    product, lookup = matrices.Matrix(weights, mask, kernel), matrices.Matrix(weights, mask, kernel, lookups=True)
+    assert product.kernel == lookup.kernel == kernel
+    np.testing.assert_allclose(product.product(x), x @ weights, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(product.product(xs), xs @ weights, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(lookup.row(17), weights[17])
+  with pytest.raises(ValueError, match=r"unknown kernel 'sparse'; expected one of \('auto', 'bitmap'"):
+    matrices.Matrix(weights, mask, 'sparse')
 
 
 def test_bad_exports_and_runs_are_one_error_naming_them(runs, tmp_path):
