@@ -7,9 +7,10 @@ Prints one JSON line per case: the parameters' dense float32 bytes, the
 export's bytes with float32 and with bfloat16 values, and greedy generation
 tokens/s, back to back in one process, of: the dense Flax model jitted on the
 device (``generation.sample``, what ``experiments.generate --workdir`` runs),
-the export's batch-1 engine with every matrix dense, and the same engine with
-each matrix sparse or dense as measured when it loads (``experiments.generate
---export``); ``speedup`` is the last over the second (what sparsity buys), with
+the export's batch-1 engine with every matrix dense (numba's dense product, as
+fast as BLAS's ``sgemv`` here, or BLAS's without numba), and the same engine with
+each matrix a bitmap, compressed rows or dense as measured when it loads
+(``experiments.generate --export``); ``speedup`` is the last over the second (what sparsity buys), with
 the engine's choice for every matrix. Stacked LSTMs of each ``--hidden`` (``2 x H``,
 PTB's vocabulary) with random weights at each density; ``--run`` adds that
 trained run; ``--families`` one CPU-sized model of every other family.

@@ -186,6 +186,20 @@ def test_every_kernel_gives_the_same_products_and_rows():
     matrices.Matrix(weights, mask, 'sparse')
 
 
+def test_without_numba_every_matrix_stays_dense_and_sparse_kernels_say_why(monkeypatch):
+  rng = np.random.default_rng(4)
+  mask = rng.random((300, 200)) < 0.01
+  weights = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
+  monkeypatch.setattr(kernels, 'numba', None)
+  matrix = matrices.Matrix(weights, mask, 'auto')
+  assert (matrix.kernel, matrix.timings) == ('dense', {})
+  x = rng.standard_normal(300).astype(np.float32)
+  np.testing.assert_allclose(matrix.product(x), x @ weights, rtol=1e-5, atol=1e-6)
+  for kernel in ('bitmap', 'csr'):
+    with pytest.raises(ValueError, match=f"kernel '{kernel}' needs numba"):
+      matrices.Matrix(weights, mask, kernel)
+
+
 def test_bad_exports_and_runs_are_one_error_naming_them(runs, tmp_path):
   config, workdir, _ = runs['lstm']
   good = tmp_path / 'good.npz'

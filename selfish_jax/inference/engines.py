@@ -1,4 +1,4 @@
-"""Batch-1 language models over an export, in NumPy, every masked matrix a
+"""Batch-1 language models over an export, in NumPy (products: numba), every masked matrix a
 :class:`~selfish_jax.inference.matrices.Matrix` (sparse where that is faster).
 
 Generation and scoring of one sequence read every weight once a token, so a

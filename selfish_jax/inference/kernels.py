@@ -133,15 +133,24 @@ def row(matrix: BitmapRows | CompressedRows, index: int) -> np.ndarray:
   return out
 
 
-def product(matrix: BitmapRows | CompressedRows, x: np.ndarray,
+def product(matrix: np.ndarray | BitmapRows | CompressedRows, x: np.ndarray,
             portable: bool = False) -> np.ndarray:
   """``W @ x`` for ``x [columns]`` -> float32 ``[rows]``.
 
   Args:
-    matrix: ``W``, as :class:`BitmapRows` or :class:`CompressedRows`.
+    matrix: ``W``: a dense float32 ``[rows, columns]`` array, :class:`BitmapRows`
+      or :class:`CompressedRows`.
     x: the vector.
     portable: the portable code even where AVX-512 is there (for tests).
   """
+  if isinstance(matrix, np.ndarray):
+    if numba is None:
+      return matrix @ x
+    # Also numba's, not BLAS's sgemv (as fast here): an engine mixing the two has BLAS's
+    # threads spin-waiting on the cores numba's threads need, which cost 5x.
+    out = np.empty(matrix.shape[0], np.float32)
+    _dense_kernel()(matrix, np.ascontiguousarray(x, np.float32), out)
+    return out
   portable = portable or not _has_avx512()
   out = np.empty(matrix.row_start.shape[0] - 1, np.float32)
   if isinstance(matrix, BitmapRows):
@@ -171,6 +180,21 @@ def _over_rows(row_dot: Callable) -> Callable:
   def kernel(first, second, row_start, x, out):
     for r in numba.prange(out.shape[0]):  # pylint: disable=not-an-iterable
       out[r] = row_dot(first, second, row_start[r], row_start[r + 1], r, x)
+
+  return kernel
+
+
+@functools.cache
+def _dense_kernel() -> Callable:
+  """``kernel(rows, x, out)``: a dense product; reassociation lets LLVM vectorise the sum."""
+
+  @numba.njit(parallel=True, boundscheck=False, nogil=True, fastmath={'reassoc', 'contract'})
+  def kernel(rows, x, out):
+    for r in numba.prange(rows.shape[0]):  # pylint: disable=not-an-iterable
+      total = np.float32(0.0)
+      for c in range(rows.shape[1]):
+        total += rows[r, c] * x[c]
+      out[r] = total
 
   return kernel
 

@@ -7,13 +7,15 @@ products)
 
 * ``'bitmap'``: a mask bit an entry and the active values (no gather),
 * ``'csr'``: compressed sparse rows, 16-bit columns (a gather a stored weight),
-* ``'dense'``: the float32 matrix, its product a BLAS ``sgemv``.
+* ``'dense'``: the float32 matrix (its product numba's too, where numba is:
+  as fast as BLAS's ``sgemv`` here, and BLAS's threads spin-wait on the cores
+  numba's need, which made a mixed engine up to 20 times slower).
 
 Which one is measured per matrix when the model is loaded (``kernel='auto'``):
 products (or lookups) on the matrix itself in each layout, since the
 crossovers depend on its shape, its density, the CPU and the BLAS. Measured
 here (RESULTS.md, Batch-1 inference), one 3000x6000 product on two AVX-512
-cores: dense 2-3 ms; bitmap 0.57 / 0.49 / 0.49 ms at densities 0.33 / 0.1 /
+cores: dense 1.3-1.7 ms; bitmap 0.57 / 0.49 / 0.49 ms at densities 0.33 / 0.1 /
 0.05; csr 1.14 / 0.37 / 0.20 ms (scipy's CSR 4.9 / 1.4 / 0.6 ms). JAX's own
 sparse formats (BCOO, BCSR) took 3-20 times as long as a dense product.
 """
@@ -59,9 +61,9 @@ class Matrix:
     else:
       candidates = [kernel]
     # Products multiply by W.T's rows; lookups read W's.
-    by_rows = (weights if lookups else weights.T, None if mask is None else
-               (mask if lookups else mask.T))
-    layouts = {name: self._build(name, weights, *by_rows) for name in candidates}
+    row_weights = weights if lookups else weights.T
+    row_mask = None if mask is None else (mask if lookups else mask.T)
+    layouts = {name: self._build(name, row_weights, row_mask) for name in candidates}
     if len(candidates) > 1:
       self.timings = self._measure(layouts, lookups, rows)
       self.kernel = min(self.timings, key=self.timings.get)
@@ -70,11 +72,11 @@ class Matrix:
     self._kept = layouts[self.kernel]  # one layout only: the memory is half the point
 
   @staticmethod
-  def _build(name: str, weights: np.ndarray, rows: np.ndarray, mask: np.ndarray | None):
+  def _build(name: str, row_weights: np.ndarray, mask: np.ndarray | None):
     if name == 'dense':
-      return weights
+      return np.ascontiguousarray(row_weights)
     build = kernels.bitmap_rows if name == 'bitmap' else kernels.compressed_rows
-    return build(rows, np.asarray(mask, bool))
+    return build(row_weights, np.asarray(mask, bool))
 
   def _measure(self, layouts: dict, lookups: bool, rows: int) -> dict[str, float]:
     x = np.random.default_rng(0).standard_normal(
@@ -97,8 +99,6 @@ class Matrix:
 
   @staticmethod
   def _product(kernel: str, layout, x: np.ndarray) -> np.ndarray:
-    if kernel == 'dense':
-      return x @ layout
     if x.ndim == 1:
       return kernels.product(layout, x)
     return np.stack([kernels.product(layout, vector) for vector in x])
