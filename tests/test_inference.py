@@ -76,6 +76,7 @@ def test_an_engine_gives_the_models_log_probabilities(runs, family, kernel, tmp_
   engine = engines.engine_for(loaded, kernel)
   if kernel != 'auto':
     assert {m.kernel for n, m in engine.matrices.items()} == {kernel}
+  assert not any(matrix.undecided for matrix in engine.matrices.values())
   tokens = np.array([0, 3, 5, 1, 1, 7, 2, 9, 4, 0, 6, 8])
   model = models.build_model(config, len(loaded.vocab))
   logits, _ = models.logits(model, jax.tree.map(jnp.asarray, loaded.params),
@@ -184,6 +185,37 @@ def test_every_kernel_gives_the_same_products_and_rows():
     np.testing.assert_array_equal(lookup.row(17), weights[17])
   with pytest.raises(ValueError, match=r"unknown kernel 'sparse'; expected one of \('auto', 'bitmap'"):
     matrices.Matrix(weights, mask, 'sparse')
+
+
+def test_layouts_are_chosen_in_passes_over_the_model_as_a_step_reads_it(monkeypatch):
+  rng = np.random.default_rng(5)
+  model = []
+  for shape, density, lookups in (((50, 40), 0.3, True), ((40, 80), 0.1, False),
+                                  ((80, 60), 0.5, False)):
+    mask = rng.random(shape) < density
+    model.append(matrices.Matrix((rng.standard_normal(shape) * mask).astype(np.float32), mask,
+                                 'auto', lookups=lookups, choose=False))
+  assert all(matrix.undecided == ('bitmap', 'csr', 'dense') for matrix in model)
+  calls, use = [], matrices.Matrix._use
+  monkeypatch.setattr(matrices.Matrix, '_use', lambda self, kernel: (
+      calls.append((model.index(self), kernel)), use(self, kernel)))
+  matrices.choose_layouts(model)
+  # Every pass visits the model's matrices in order, all in one layout; warm-up passes included.
+  passes = [calls[start:start + 3] for start in range(0, len(calls), 3)]
+  assert len(passes) == matrices._ROUNDS * 3 * (matrices._PASSES + 1)
+  assert all([index for index, _ in one] == [0, 1, 2] and len({k for _, k in one}) == 1
+             for one in passes)
+  for matrix in model:
+    assert matrix.undecided == () and set(matrix.timings) == {'bitmap', 'csr', 'dense'}
+    assert matrix.kernel == min(matrix.timings, key=matrix.timings.get)
+  # A matrix left undecided and used on its own measures itself first.
+  monkeypatch.undo()
+  mask = rng.random((30, 20)) < 0.2
+  weights = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
+  alone = matrices.Matrix(weights, mask, choose=False)
+  x = rng.standard_normal(30).astype(np.float32)
+  np.testing.assert_allclose(alone.product(x), x @ weights, rtol=1e-5, atol=1e-6)
+  assert alone.undecided == () and alone.kernel in ('bitmap', 'csr', 'dense')
 
 
 def test_without_numba_every_matrix_stays_dense_and_sparse_kernels_say_why(monkeypatch):

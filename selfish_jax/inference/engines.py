@@ -17,7 +17,7 @@ import numpy as np
 
 from selfish_jax.errors import UserError
 from selfish_jax.inference.export import Export
-from selfish_jax.inference.matrices import Matrix
+from selfish_jax.inference.matrices import Matrix, choose_layouts
 
 State = Any
 
@@ -48,7 +48,7 @@ class Engine:
       weights, mask = weights.T, None if mask is None else mask.T
     if scale != 1.0:  # as the model scales the matrix, not its product
       weights = (weights * np.float32(scale)).astype(np.float32)
-    return Matrix(weights, mask, self.kernel, lookups=lookups, rows=rows)
+    return Matrix(weights, mask, self.kernel, lookups=lookups, rows=rows, choose=False)
 
   def _decoder(self, embedding_path: tuple[str, ...], rows: int = 1) -> tuple[Matrix, np.ndarray]:
     params = self.export.params
@@ -246,8 +246,11 @@ ENGINES = {'lstm': LSTMEngine, 'rhn': RHNEngine, 'onlstm': ONLSTMEngine,
 
 
 def engine_for(export: Export, kernel: str = 'auto') -> Engine:
-  """The batch-1 engine of the export's family."""
+  """The batch-1 engine of the export's family, each matrix in the layout it
+  measured fastest in passes over the model (``kernel='auto'``) or in ``kernel``."""
   if export.family not in ENGINES:
     raise UserError(f'no batch-1 sparse engine for the family {export.family!r} (there are for '
                     f'{tuple(ENGINES)}); evaluate its export with the Flax model instead')
-  return ENGINES[export.family](export, kernel)
+  engine = ENGINES[export.family](export, kernel)
+  choose_layouts(engine.matrices.values())  # in the order a step reads them
+  return engine

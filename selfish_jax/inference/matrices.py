@@ -11,26 +11,27 @@ products)
   as fast as BLAS's ``sgemv`` here, and BLAS's threads spin-wait on the cores
   numba's need, which made a mixed engine up to 20 times slower).
 
-Which one is measured per matrix when the model is loaded (``kernel='auto'``):
-products (or lookups) on the matrix itself in each layout, since the
-crossovers depend on its shape, its density, the CPU and the BLAS. Measured
-here (RESULTS.md, Batch-1 inference), one 3000x6000 product on two AVX-512
-cores: dense 1.3-1.7 ms; bitmap 0.57 / 0.49 / 0.49 ms at densities 0.33 / 0.1 /
-0.05; csr 1.14 / 0.37 / 0.20 ms (scipy's CSR 4.9 / 1.4 / 0.6 ms). JAX's own
-sparse formats (BCOO, BCSR) took 3-20 times as long as a dense product.
+Which one is measured per matrix when the model is loaded (``kernel='auto'``,
+:func:`choose_layouts`): products (or lookups) in each layout, in passes over
+the model's matrices as a step reads them, since the crossovers depend on the
+shape, the density, the cache, the CPU. Measured here (RESULTS.md, Batch-1
+inference), one 3000x6000 product on two AVX-512 cores: dense 1.3-1.7 ms;
+bitmap 0.57 / 0.49 / 0.49 ms at densities 0.33 / 0.1 / 0.05; csr 1.14 / 0.37 /
+0.20 ms (scipy's CSR 4.9 / 1.4 / 0.6 ms). JAX's own sparse formats (BCOO,
+BCSR) took 3-20 times as long as a dense product.
 """
 
 from __future__ import annotations
 
-import functools
 import time
+from typing import Iterable
 
 import numpy as np
 
 from selfish_jax.inference import kernels
 
 KERNELS = ('auto', 'bitmap', 'csr', 'dense')
-_ROUNDS = 2  # each layout timed twice, interleaved, and its best round kept
+_ROUNDS, _PASSES = 2, 5  # rounds over the layouts (this CPU drifts), timed passes a layout a round
 
 
 class Matrix:
@@ -42,10 +43,12 @@ class Matrix:
     kernel: one of :data:`KERNELS`: ``'auto'`` measures which layout is fastest.
     lookups: whether :meth:`row` is used (an embedding), not :meth:`product`.
     rows: how many vectors :meth:`product` takes at once (the measurement's).
+    choose: with ``'auto'``, measure now, the matrix alone; False leaves it to
+      :func:`choose_layouts` over the model's matrices (or to the first use).
   """
 
   def __init__(self, weights: np.ndarray, mask: np.ndarray | None = None, kernel: str = 'auto',
-               lookups: bool = False, rows: int = 1):
+               lookups: bool = False, rows: int = 1, choose: bool = True):
     if kernel not in KERNELS:
       raise ValueError(f'unknown kernel {kernel!r}; expected one of {KERNELS}')
     if kernel in ('bitmap', 'csr') and not kernels.available():
@@ -63,13 +66,14 @@ class Matrix:
     # Products multiply by W.T's rows; lookups read W's.
     row_weights = weights if lookups else weights.T
     row_mask = None if mask is None else (mask if lookups else mask.T)
-    layouts = {name: self._build(name, row_weights, row_mask) for name in candidates}
-    if len(candidates) > 1:
-      self.timings = self._measure(layouts, lookups, rows)
-      self.kernel = min(self.timings, key=self.timings.get)
-    else:
-      self.kernel = candidates[0]
-    self._kept = layouts[self.kernel]  # one layout only: the memory is half the point
+    self._layouts = {name: self._build(name, row_weights, row_mask) for name in candidates}
+    self._example = (7 % self.shape[0] if lookups else np.random.default_rng(0).standard_normal(
+        (self.shape[0],) if rows == 1 else (rows, self.shape[0]), np.float32))
+    self._lookups, self.kernel, self._kept = lookups, 'auto', None
+    if len(candidates) == 1:
+      self._keep(candidates[0])
+    elif choose:
+      choose_layouts([self])
 
   @staticmethod
   def _build(name: str, row_weights: np.ndarray, mask: np.ndarray | None):
@@ -78,24 +82,21 @@ class Matrix:
     build = kernels.bitmap_rows if name == 'bitmap' else kernels.compressed_rows
     return build(row_weights, np.asarray(mask, bool))
 
-  def _measure(self, layouts: dict, lookups: bool, rows: int) -> dict[str, float]:
-    x = np.random.default_rng(0).standard_normal(
-        (self.shape[1 if lookups else 0],) if rows == 1 else (rows, self.shape[0]), np.float32)
-    size = int(np.prod(self.shape))
-    repeats = max(3, min(50, int(2e7 // max(size, 1))))
-    best = {}
-    for _ in range(_ROUNDS):
-      for name, layout in layouts.items():
-        if lookups:
-          use = functools.partial(self._row, name, layout, 7 % self.shape[0])
-        else:
-          use = functools.partial(self._product, name, layout, x)
-        use()  # warm the caches, the threads, the compiler
-        start = time.perf_counter()
-        for _ in range(repeats):
-          use()
-        best[name] = min(best.get(name, np.inf), (time.perf_counter() - start) / repeats)
-    return best
+  def _keep(self, kernel: str) -> None:
+    self.kernel, self._kept = kernel, self._layouts[kernel]
+    self._layouts = None  # one layout only: the memory is half the point
+
+  def _use(self, kernel: str) -> None:
+    """One product (or lookup) of the measurement's example in layout ``kernel``."""
+    if self._lookups:
+      self._row(kernel, self._layouts[kernel], self._example)
+    else:
+      self._product(kernel, self._layouts[kernel], self._example)
+
+  @property
+  def undecided(self) -> tuple[str, ...]:
+    """The layouts still measured against each other (none once one is kept)."""
+    return () if self._layouts is None else tuple(self._layouts)
 
   @staticmethod
   def _product(kernel: str, layout, x: np.ndarray) -> np.ndarray:
@@ -109,13 +110,47 @@ class Matrix:
 
   def product(self, x: np.ndarray) -> np.ndarray:
     """``x [in] @ W`` -> ``[out]``, or ``x [rows, in] @ W`` -> ``[rows, out]`` (float32)."""
+    if self._layouts is not None:
+      choose_layouts([self])
     return self._product(self.kernel, self._kept, x)
 
   def row(self, index: int) -> np.ndarray:
     """Row ``index`` of ``W`` (an embedding lookup)."""
+    if self._layouts is not None:
+      choose_layouts([self])
     return self._row(self.kernel, self._kept, index)
 
   @property
   def nbytes(self) -> int:
     """The memory the matrix's weights take as kept."""
+    if self._layouts is not None:
+      choose_layouts([self])
     return self._kept.nbytes
+
+
+def choose_layouts(matrices: Iterable[Matrix]) -> None:
+  """Keeps each matrix's fastest layout, timed as a model's step reads its matrices.
+
+  For one layout at a time, passes over every undecided matrix in order, one
+  product (or lookup) each, timed alone: each finds the caches as the other
+  matrices left them, as in generation, where a model larger than the cache
+  streams from memory and a small one stays in it. Timing one matrix over and
+  over instead keeps it in the cache: a 2x650 LSTM's matrices (6.8 MB each)
+  then measured faster dense, though from memory the bitmap took half the time.
+  A matrix's time in a layout is the median of its passes.
+  """
+  undecided = [matrix for matrix in matrices if matrix.undecided]
+  samples = [{name: [] for name in matrix.undecided} for matrix in undecided]
+  for _ in range(_ROUNDS):
+    for name in KERNELS[1:]:
+      using = [(matrix, times[name]) for matrix, times in zip(undecided, samples)
+               if name in times]
+      for timed in range(-1, _PASSES):  # pass -1 warms the caches, the threads, the compiler
+        for matrix, times in using:
+          start = time.perf_counter()
+          matrix._use(name)  # pylint: disable=protected-access
+          if timed >= 0:
+            times.append(time.perf_counter() - start)
+  for matrix, times in zip(undecided, samples):
+    matrix.timings = {name: float(np.median(values)) for name, values in times.items()}
+    matrix._keep(min(matrix.timings, key=matrix.timings.get))  # pylint: disable=protected-access
