@@ -172,6 +172,26 @@ def test_the_sparse_layouts_multiply_and_look_up_exactly_their_active_weights(po
         np.testing.assert_array_equal(kernels.row(layout, index), weights[index])
 
 
+def test_the_portable_kernels_compile_and_agree_for_a_cpu_without_avx512():
+  # numba compiles for a generic x86-64 (no AVX-512): the intrinsics must not be used there.
+  script = """if True:
+    import numpy as np
+    from selfish_jax.inference import kernels
+    assert not kernels._has_avx512()
+    rng = np.random.default_rng(0)
+    mask = rng.random((40, 300)) < 0.2
+    weights = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
+    x = rng.standard_normal(300).astype(np.float32)
+    for layout in (weights, kernels.bitmap_rows(weights, mask), kernels.compressed_rows(weights, mask)):
+      np.testing.assert_allclose(kernels.product(layout, x), weights @ x, rtol=1e-5, atol=1e-5)
+    print('agree')
+  """
+  env = dict(os.environ, NUMBA_CPU_NAME='generic', PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 0 and result.stdout.strip() == 'agree', result.stderr[-2000:]
+
+
 def test_every_kernel_gives_the_same_products_and_rows():
   rng = np.random.default_rng(3)
   mask = rng.random((300, 200)) < 0.2
