@@ -33,6 +33,7 @@ numba's threads. Without AVX-512 they fall back to portable code (LLVM's
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -155,16 +156,16 @@ def product(matrix: np.ndarray | BitmapRows | CompressedRows, x: np.ndarray,
     # Also numba's, not BLAS's sgemv (as fast here): an engine mixing the two has BLAS's
     # threads spin-waiting on the cores numba's threads need, which cost 5x.
     out = np.empty(matrix.shape[0], np.float32)
-    _dense_kernel()(matrix, np.ascontiguousarray(x, np.float32), out)
+    _dense_kernel(_threads_here())(matrix, np.ascontiguousarray(x, np.float32), out)
     return out
-  portable = portable or not _has_avx512()
+  portable, threads = portable or not _has_avx512(), _threads_here()
   out = np.empty(matrix.row_start.shape[0] - 1, np.float32)
   if isinstance(matrix, BitmapRows):
     padded = np.zeros(matrix.padded_columns, np.float32)
     padded[:matrix.columns] = x
-    _bitmap_kernel(portable)(matrix.values, matrix.words, matrix.row_start, padded, out)
+    _bitmap_kernel(portable, threads)(matrix.values, matrix.words, matrix.row_start, padded, out)
   else:
-    _compressed_kernel(portable)(matrix.values, matrix.columns_of, matrix.row_start,
+    _compressed_kernel(portable, threads)(matrix.values, matrix.columns_of, matrix.row_start,
                                  np.ascontiguousarray(x, np.float32), out)
   return out
 
@@ -178,11 +179,29 @@ def _has_avx512() -> bool:
   return bool(binding.get_host_cpu_features().get('avx512f', False))
 
 
-def _over_rows(row_dot: Callable) -> Callable:
-  """``kernel(a, b, row_start, x, out)``: ``out[r] = row_dot(a, b, start, end, r, x)``
-  for every row, the rows split over numba's threads."""
+@functools.cache
+def _first_product_pid() -> int:
+  """The process whose first product started numba's threads (a fork copies the answer)."""
+  return os.getpid()
 
-  @numba.njit(parallel=True, boundscheck=False, nogil=True)
+
+def _threads_here() -> bool:
+  """Whether products may use numba's threads in this process.
+
+  Not in a process forked after they started: numba's OpenMP pool does not
+  survive a fork, and a child that used it aborted ("fork() called from a
+  process already using GNU OpenMP") while a ``multiprocessing`` pool waited
+  for it forever. Such a child multiplies on one thread instead; one forked
+  before any product starts its own threads.
+  """
+  return _first_product_pid() == os.getpid()
+
+
+def _over_rows(row_dot: Callable, threads: bool) -> Callable:
+  """``kernel(a, b, row_start, x, out)``: ``out[r] = row_dot(a, b, start, end, r, x)``
+  for every row, the rows split over numba's threads if ``threads``."""
+
+  @numba.njit(parallel=threads, boundscheck=False, nogil=True)
   def kernel(first, second, row_start, x, out):
     for r in numba.prange(out.shape[0]):  # pylint: disable=not-an-iterable
       out[r] = row_dot(first, second, row_start[r], row_start[r + 1], r, x)
@@ -191,10 +210,10 @@ def _over_rows(row_dot: Callable) -> Callable:
 
 
 @functools.cache
-def _dense_kernel() -> Callable:
+def _dense_kernel(threads: bool) -> Callable:
   """``kernel(rows, x, out)``: a dense product; reassociation lets LLVM vectorise the sum."""
 
-  @numba.njit(parallel=True, boundscheck=False, nogil=True, fastmath={'reassoc', 'contract'})
+  @numba.njit(parallel=threads, boundscheck=False, nogil=True, fastmath={'reassoc', 'contract'})
   def kernel(rows, x, out):
     for r in numba.prange(rows.shape[0]):  # pylint: disable=not-an-iterable
       total = np.float32(0.0)
@@ -206,17 +225,17 @@ def _dense_kernel() -> Callable:
 
 
 @functools.cache
-def _bitmap_kernel(portable: bool) -> Callable:
+def _bitmap_kernel(portable: bool, threads: bool) -> Callable:
   """``kernel(values, words, row_start, x, out)``, compiled once a process."""
-  return _over_rows(_bitmap_row_dot(portable))
+  return _over_rows(_bitmap_row_dot(portable), threads)
 
 
 @functools.cache
-def _compressed_kernel(portable: bool) -> Callable:
+def _compressed_kernel(portable: bool, threads: bool) -> Callable:
   """``kernel(values, columns_of, row_start, x, out)``, compiled once a process."""
   if portable:
-    return _over_rows(_scalar_row_dot)
-  return _over_rows(_gather_row_dot())
+    return _over_rows(_scalar_row_dot, threads)
+  return _over_rows(_gather_row_dot(), threads)
 
 
 # ---- LLVM IR: one row's dot product ----------------------------------------------------------
