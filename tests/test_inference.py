@@ -3,7 +3,6 @@ same model; batch-1 engines give the dense model's log-probabilities with
 sparse products; sizes, the kernel choice and bad files."""
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -193,21 +192,32 @@ def test_the_portable_kernels_compile_and_agree_for_a_cpu_without_avx512():
   assert result.returncode == 0 and result.stdout.strip() == 'agree', result.stderr[-2000:]
 
 
-def _first_row_of_product(layout, x):
-  return float(kernels.product(layout, x)[0])
-
-
 def test_a_process_forked_after_products_multiplies_without_numbas_threads():
-  rng = np.random.default_rng(6)
-  mask = rng.random((2000, 300)) < 0.3
-  weights = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
-  x = rng.standard_normal(300).astype(np.float32)
-  layouts = (weights, kernels.bitmap_rows(weights, mask), kernels.compressed_rows(weights, mask))
-  expected = [_first_row_of_product(layout, x) for layout in layouts]  # threads start here
-  # Before, the children aborted in numba's OpenMP pool and the pool waited for them forever.
-  with multiprocessing.get_context('fork').Pool(2) as pool:
-    got = pool.starmap_async(_first_row_of_product, [(layout, x) for layout in layouts])
-    assert got.get(timeout=120) == pytest.approx(expected, rel=1e-6)
+  # A scoring script of a user's: products in the parent, then a fork pool (no JAX in it,
+  # which warns about any fork). Before, the children aborted in numba's OpenMP pool and
+  # the pool waited for them forever.
+  script = """if True:
+    import multiprocessing
+    import numpy as np
+    from selfish_jax.inference import kernels
+
+    def first(layout, x):
+      return float(kernels.product(layout, x)[0])
+
+    rng = np.random.default_rng(6)
+    mask = rng.random((2000, 300)) < 0.3
+    weights = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
+    x = rng.standard_normal(300).astype(np.float32)
+    layouts = [weights, kernels.bitmap_rows(weights, mask), kernels.compressed_rows(weights, mask)]
+    expected = [first(layout, x) for layout in layouts]  # numba's threads start here
+    with multiprocessing.get_context('fork').Pool(2) as pool:
+      got = pool.starmap_async(first, [(layout, x) for layout in layouts]).get(timeout=120)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    print('agree')
+  """
+  result = subprocess.run([sys.executable, '-c', script], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0 and result.stdout.strip() == 'agree', result.stderr[-2000:]
 
 
 def test_every_kernel_gives_the_same_products_and_rows():
