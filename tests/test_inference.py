@@ -170,6 +170,18 @@ def test_the_sparse_layouts_multiply_and_look_up_exactly_their_active_weights(po
       assert product[1] == 0.0
       for index in (0, 1, rows - 1):
         np.testing.assert_array_equal(kernels.row(layout, index), weights[index])
+  # Rows with every count of stored weights around the gathers' 16 and 32 and the blocks' 64,
+  # and a matrix with none.
+  counts = (0, 1, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 100)
+  mask = np.zeros((len(counts), 100), bool)
+  for row, count in enumerate(counts):
+    mask[row, rng.choice(100, count, replace=False)] = True
+  for mask in (mask, np.zeros((5, 7), bool)):
+    weights = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
+    x = rng.standard_normal(mask.shape[1]).astype(np.float32)
+    for layout in (kernels.bitmap_rows(weights, mask), kernels.compressed_rows(weights, mask)):
+      np.testing.assert_allclose(kernels.product(layout, x, portable),
+                                 weights.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
 
 
 def test_the_portable_kernels_compile_and_agree_for_a_cpu_without_avx512():
