@@ -243,7 +243,7 @@ class MixtureOfSoftmaxesEngine(LSTMEngine):
     x, state = self._stack(token, state)
     latent = np.tanh(self.latent.product(x) + self._latent_bias).reshape(self.experts, -1)
     log_experts = log_softmax(
-        self.decoder.product(latent.astype(np.float32)) + self._decoder_bias, axis=1)
+        self.decoder.product(latent) + self._decoder_bias, axis=1)
     mixed = log_experts + log_softmax(self.prior.product(x))[:, None]
     top = mixed.max(axis=0)
     return (top + np.log(np.exp(mixed - top).sum(axis=0))).astype(np.float32), state

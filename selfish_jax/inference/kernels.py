@@ -127,8 +127,11 @@ def compressed_rows(weights: np.ndarray, mask: np.ndarray) -> CompressedRows:
                         columns)
 
 
-def row(matrix: BitmapRows | CompressedRows, index: int) -> np.ndarray:
-  """Row ``index`` as a dense float32 vector (an embedding lookup)."""
+def row(matrix: np.ndarray | BitmapRows | CompressedRows, index: int) -> np.ndarray:
+  """Row ``index`` as a dense float32 vector (an embedding lookup); of a dense
+  ``[rows, columns]`` array, a view of it."""
+  if isinstance(matrix, np.ndarray):
+    return matrix[index]
   start, end = matrix.row_start[index], matrix.row_start[index + 1]
   if isinstance(matrix, BitmapRows):
     where = np.unpackbits(matrix.words[index].astype('<u2').view(np.uint8),

@@ -89,9 +89,9 @@ class Matrix:
   def _use(self, kernel: str) -> None:
     """One product (or lookup) of the measurement's example in layout ``kernel``."""
     if self._lookups:
-      self._row(kernel, self._layouts[kernel], self._example)
+      kernels.row(self._layouts[kernel], self._example)
     else:
-      self._product(kernel, self._layouts[kernel], self._example)
+      self._product(self._layouts[kernel], self._example)
 
   @property
   def undecided(self) -> tuple[str, ...]:
@@ -99,33 +99,29 @@ class Matrix:
     return () if self._layouts is None else tuple(self._layouts)
 
   @staticmethod
-  def _product(kernel: str, layout, x: np.ndarray) -> np.ndarray:
+  def _product(layout, x: np.ndarray) -> np.ndarray:
     if x.ndim == 1:
       return kernels.product(layout, x)
     return np.stack([kernels.product(layout, vector) for vector in x])
 
-  @staticmethod
-  def _row(kernel: str, layout, index: int) -> np.ndarray:
-    return layout[index] if kernel == 'dense' else kernels.row(layout, index)
+  def _layout(self):
+    """The kept layout (measured first, alone, if no one chose it yet)."""
+    if self._layouts is not None:
+      choose_layouts([self])
+    return self._kept
 
   def product(self, x: np.ndarray) -> np.ndarray:
     """``x [in] @ W`` -> ``[out]``, or ``x [rows, in] @ W`` -> ``[rows, out]`` (float32)."""
-    if self._layouts is not None:
-      choose_layouts([self])
-    return self._product(self.kernel, self._kept, x)
+    return self._product(self._layout(), x)
 
   def row(self, index: int) -> np.ndarray:
     """Row ``index`` of ``W`` (an embedding lookup)."""
-    if self._layouts is not None:
-      choose_layouts([self])
-    return self._row(self.kernel, self._kept, index)
+    return kernels.row(self._layout(), index)
 
   @property
   def nbytes(self) -> int:
     """The memory the matrix's weights take as kept."""
-    if self._layouts is not None:
-      choose_layouts([self])
-    return self._kept.nbytes
+    return self._layout().nbytes
 
 
 def choose_layouts(matrices: Iterable[Matrix]) -> None:

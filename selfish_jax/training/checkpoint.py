@@ -225,7 +225,6 @@ class Checkpoints:
   def best_step(self) -> int | None:
     """The step of the best weights that the latest checkpoint names (for readers
     of a run: an entry newer than the checkpoint is not committed yet)."""
-
     return self._as_the_run_moves_on(self._named_best_step)
 
   def _named_best_step(self) -> int | None:
