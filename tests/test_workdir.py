@@ -26,7 +26,6 @@ from selfish_jax.training.language_modelling import train_and_evaluate
 from selfish_jax.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, 'tests')
 TIMING = ('ms_per_step', 'tokens_per_s', 'epoch_time_s', 'train_tokens_per_s')
 
 
@@ -94,21 +93,22 @@ def test_an_unreadable_checkpoint_falls_back_to_the_one_before(finished, tmp_pat
 
 _RESUME = """
 import sys
-from conftest import make_tiny_config
+from selfish_jax import config as config_lib
 from selfish_jax.training.language_modelling import train_and_evaluate
-config = make_tiny_config(sys.argv[1], dataset='text')
-config.update(num_epochs=2, max_steps_per_epoch=4, log_every=2)
-train_and_evaluate(config, sys.argv[2])
+from selfish_jax.training.workdir import read_config
+config = config_lib.default_config()
+config.update(read_config(sys.argv[1]))  # the run's own config, as a rerun gives it
+train_and_evaluate(config, sys.argv[1])
 """
 
 
-def test_a_failed_read_leaves_nothing_on_the_terminal(finished, text_corpus_dir, tmp_path):
+def test_a_failed_read_leaves_nothing_on_the_terminal(finished, tmp_path):
   # The read's other arrays finish after it failed; each used to print a
   # traceback (thousands of lines) at any moment up to the exit.
   _, workdir, _ = _copy(finished, tmp_path)
   _overwrite(workdir / 'checkpoints' / '8')
-  done = subprocess.run([sys.executable, '-c', _RESUME, text_corpus_dir, str(workdir)], cwd=ROOT,
-                        env={**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, TESTS])},
+  done = subprocess.run([sys.executable, '-c', _RESUME, str(workdir)], cwd=ROOT,
+                        env={**os.environ, 'PYTHONPATH': ROOT},
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'cannot be read' in done.stderr
