@@ -184,6 +184,15 @@ def test_the_sparse_layouts_multiply_and_look_up_exactly_their_active_weights(po
                                  weights.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
 
 
+def _prints_agree(script: str, **environment: str) -> None:
+  """Runs ``script`` in a fresh Python (the package importable, ``environment`` set);
+  it must exit cleanly having printed only ``agree``."""
+  result = subprocess.run([sys.executable, '-c', script],
+                          env=dict(os.environ, PYTHONPATH=ROOT, **environment),
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0 and result.stdout.strip() == 'agree', result.stderr[-2000:]
+
+
 def test_the_portable_kernels_compile_and_agree_for_a_cpu_without_avx512():
   # numba compiles for a generic x86-64 (no AVX-512): the intrinsics must not be used there.
   script = """if True:
@@ -198,10 +207,7 @@ def test_the_portable_kernels_compile_and_agree_for_a_cpu_without_avx512():
       np.testing.assert_allclose(kernels.product(layout, x), weights @ x, rtol=1e-5, atol=1e-5)
     print('agree')
   """
-  env = dict(os.environ, NUMBA_CPU_NAME='generic', PYTHONPATH=ROOT)
-  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
-  assert result.returncode == 0 and result.stdout.strip() == 'agree', result.stderr[-2000:]
+  _prints_agree(script, NUMBA_CPU_NAME='generic')
 
 
 def test_a_process_forked_after_products_multiplies_without_numbas_threads():
@@ -227,9 +233,7 @@ def test_a_process_forked_after_products_multiplies_without_numbas_threads():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     print('agree')
   """
-  result = subprocess.run([sys.executable, '-c', script], env=dict(os.environ, PYTHONPATH=ROOT),
-                          capture_output=True, text=True, timeout=300, check=False)
-  assert result.returncode == 0 and result.stdout.strip() == 'agree', result.stderr[-2000:]
+  _prints_agree(script)
 
 
 def test_every_kernel_gives_the_same_products_and_rows():
